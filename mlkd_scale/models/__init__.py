@@ -1,0 +1,16 @@
+"""Teacher loading, student building, layer mapping and feature taps."""
+
+from mlkd_scale.models.mapping import resolve_layer_mapping
+from mlkd_scale.models.student import build_student, build_student_config
+from mlkd_scale.models.taps import FeatureTap, Features, TapRequest
+from mlkd_scale.models.teacher import load_teacher
+
+__all__ = [
+    "FeatureTap",
+    "Features",
+    "TapRequest",
+    "build_student",
+    "build_student_config",
+    "load_teacher",
+    "resolve_layer_mapping",
+]

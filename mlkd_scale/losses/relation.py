@@ -1,0 +1,94 @@
+"""Relation-level losses: KL between the teacher's and the student's similarity distributions.
+
+A *relation* of X ∈ R^{L×d} is the row-wise softmax(X Xᵀ / √d), d being the width of the (split)
+vectors; each model is scaled by its own width, so teacher and student relations are both L×L
+whatever their widths. Padded keys are masked out of each row, and the KL(teacher row ‖ student
+row) is averaged over the real query rows of the whole batch (and over splits). Everything is
+computed in fp32 whatever the input dtype (KL in bf16 is badly wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mlkd_scale.losses.numerics import fp32_loss
+
+# Masked logits are set to this instead of -inf: exp() still gives exactly 0 in fp32, and the
+# KL term p·(log p − log q) stays 0·finite = 0 instead of 0·(−inf + inf) = NaN.
+_MASKED = -1e9
+
+
+def split_relation_logits(x: torch.Tensor, num_splits: int) -> torch.Tensor:
+    """[B, L, d] → [B, A, L, L]: scaled dot products within each of A contiguous feature groups."""
+    batch, length, width = x.shape
+    if width % num_splits:
+        raise ValueError(f"a width of {width} cannot be cut into {num_splits} equal splits")
+    split_width = width // num_splits
+    xs = x.float().reshape(batch, length, num_splits, split_width).transpose(1, 2)
+    return torch.matmul(xs, xs.transpose(-1, -2)) * split_width**-0.5
+
+
+@fp32_loss
+def relation_kl(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over real query rows (and splits) of KL(softmax(t_row) ‖ softmax(s_row)).
+
+    t_logits, s_logits: [B, A, L, L] relation logits; attention_mask: [B, L], 1 = real token.
+    The teacher side carries no gradient.
+    """
+    t_logits = t_logits.detach()
+    if attention_mask is not None:
+        real = attention_mask.to(torch.bool)
+        keys = real[:, None, None, :]
+        t_logits = t_logits.masked_fill(~keys, _MASKED)
+        s_logits = s_logits.masked_fill(~keys, _MASKED)
+    t_logp = F.log_softmax(t_logits, dim=-1)
+    s_logp = F.log_softmax(s_logits, dim=-1)
+    row_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # [B, A, L]
+    if attention_mask is None:
+        return row_kl.mean()
+    rows = attention_mask.to(row_kl.dtype)[:, None, :]
+    return (row_kl * rows).sum() / (rows.sum() * row_kl.shape[1])
+
+
+@fp32_loss
+def embedding_relation_loss(
+    t_emb: torch.Tensor, s_emb: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L_EMB, the token-similarity relation of the embedding-layer outputs.
+
+    t_emb [B, L, dT], s_emb [B, L, dS], attention_mask [B, L].
+    R^T = softmax(E^T E^Tᵀ/√dT), R^S = softmax(E^S E^Sᵀ/√dS) per sequence, padded keys masked;
+    L_EMB = (1/#real rows) Σ_{b, real i} KL(R^T_{b,i} ‖ R^S_{b,i}).
+    """
+    return relation_kl(split_relation_logits(t_emb, 1), split_relation_logits(s_emb, 1), attention_mask)
+
+
+@fp32_loss
+def mha_relation_loss(
+    t_ctx: torch.Tensor, s_ctx: torch.Tensor, attention_mask: torch.Tensor | None, num_splits: int
+) -> torch.Tensor:
+    """L_MHA for one layer pair: self-attention relation over MHA-splits of the head context.
+
+    t_ctx [B, L, dT], s_ctx [B, L, dS]: concatenated per-head context (before W^O); the feature axis
+    of each is cut into A = num_splits equal groups (widths dT/A and dS/A), so a 12-head teacher and
+    a 3-head student align split to split. attention_mask [B, L].
+    R_a = softmax(O_a O_aᵀ / √(d/A)) per sequence and split, padded keys masked;
+    loss = (1/(A·#real rows)) Σ_a Σ_{b, real i} KL(R^T_{a,b,i} ‖ R^S_{a,b,i}).
+    The objective sums this over mapped layer pairs (no 1/N, as in the paper).
+    """
+    return relation_kl(
+        split_relation_logits(t_ctx, num_splits), split_relation_logits(s_ctx, num_splits), attention_mask
+    )
+
+
+@fp32_loss
+def sample_similarity_loss(t_cls: torch.Tensor, s_cls: torch.Tensor) -> torch.Tensor:
+    """L_SS, the sample-similarity relation of the batch's [CLS] vectors.
+
+    t_cls [B, dT], s_cls [B, dS]. R^T = softmax(C^T C^Tᵀ/√dT), R^S = softmax(C^S C^Sᵀ/√dS) over the
+    batch (B×B, diagonal kept); L_SS = (1/B) Σ_i KL(R^T_i ‖ R^S_i). No projection is needed.
+    """
+    return relation_kl(split_relation_logits(t_cls[None], 1), split_relation_logits(s_cls[None], 1))

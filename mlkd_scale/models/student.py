@@ -1,0 +1,74 @@
+"""Building the student from the teacher: its config, its class, its initial weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from mlkd_scale.models.taps import encoder_modules
+from mlkd_scale.spec import StudentSpec
+
+
+def build_student_config(teacher_config: PretrainedConfig, spec: StudentSpec) -> PretrainedConfig:
+    """The teacher's config with the student's depth, width, heads and FFN size.
+
+    Everything that ties the student to the teacher's inputs and outputs stays the teacher's:
+    vocabulary, positions, token types, padding id, labels. The head count only has to divide the
+    student's own width; it need not divide (or equal) the teacher's.
+    """
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = spec.num_layers
+    config.hidden_size = spec.hidden_size
+    config.num_attention_heads = spec.num_heads
+    config.intermediate_size = spec.intermediate_size
+    return config
+
+
+def build_student(teacher: PreTrainedModel, spec: StudentSpec, layer_map: list[int]) -> PreTrainedModel:
+    """A student of the teacher's class (so a task teacher gets a student with the same head).
+
+    * ``random``: fresh weights from the class's own initialiser.
+    * ``teacher_layers``: the teacher's embeddings, the mapped layers ``layer_map`` and any head or
+      pooler are copied; needs equal width and FFN size (head counts may differ: Q, K, V and W^O are
+      d×d whatever the number of heads).
+    * ``path``: an existing Hugging Face directory; its own config wins over the spec's architecture.
+    The student is always fp32 (mixed precision is DeepSpeed's job) and uses SDPA attention.
+    """
+    model_class = type(teacher)
+    if spec.init == "path":
+        return model_class.from_pretrained(spec.path, dtype=torch.float32)
+    config = build_student_config(teacher.config, spec)
+    student = model_class(config).to(torch.float32)
+    if spec.init == "teacher_layers":
+        copy_teacher_layers(teacher, student, layer_map)
+    return student
+
+
+def copy_teacher_layers(teacher: PreTrainedModel, student: PreTrainedModel, layer_map: list[int]) -> None:
+    """Copy embeddings, mapped layers and everything outside the encoder from teacher to student."""
+    t_cfg, s_cfg = teacher.config, student.config
+    if (t_cfg.hidden_size, t_cfg.intermediate_size) != (s_cfg.hidden_size, s_cfg.intermediate_size):
+        raise ValueError(
+            "student.init 'teacher_layers' needs the teacher's width and FFN size "
+            f"({t_cfg.hidden_size}/{t_cfg.intermediate_size}), the student has "
+            f"{s_cfg.hidden_size}/{s_cfg.intermediate_size}; use init 'random' or match the sizes"
+        )
+    t_emb, t_layers = encoder_modules(teacher)
+    s_emb, s_layers = encoder_modules(student)
+    with torch.no_grad():
+        _copy_module(t_emb, s_emb)
+        for s_index, t_layer in enumerate(layer_map):
+            _copy_module(t_layers[t_layer - 1], s_layers[s_index])
+        encoder_params = {id(p) for p in nn.ModuleList([t_emb, t_layers]).parameters()}
+        t_rest = {k: v for k, v in teacher.named_parameters() if id(v) not in encoder_params}
+        s_params = dict(student.named_parameters())
+        for name, value in t_rest.items():
+            if name in s_params and s_params[name].shape == value.shape:
+                s_params[name].copy_(value.to(s_params[name].dtype))
+
+
+def _copy_module(source: nn.Module, target: nn.Module) -> None:
+    target.load_state_dict({k: v.to(torch.float32) for k, v in source.state_dict().items()})
