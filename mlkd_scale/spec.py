@@ -3,13 +3,43 @@
 Each UNKNOWN of the MLKD-BERT paper (see ``shared/paper/mlkd-bert-method.md`` §9) is a field here
 with the documented default, so a user can switch readings without code changes.
 Unknown keys are rejected everywhere (``extra="forbid"``).
+
+The spec is the single source of truth of a run: batch sizes, learning rate, precision and ZeRO
+stage live here, and the DeepSpeed JSON is filled from it (see :mod:`mlkd_scale.plan`). Bad input
+never surfaces as a traceback: :func:`load_spec` gathers every problem (types, unknown keys,
+cross-field rules, files that must exist) into one :class:`SpecError`, so a user fixes a spec in
+one pass.
+
+Validator messages follow one convention so :class:`SpecError` can name the dotted field path:
+a message line ``"field: text"`` is reported under ``<section path>.field``, any other line under
+the section itself.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import glob
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+#: The repository's DeepSpeed config directory; a relative ``deepspeed.config`` is also looked up here.
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 class StrictModel(BaseModel):
@@ -39,15 +69,18 @@ class StudentSpec(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
         if self.hidden_size % self.num_heads:
+            divisors = [h for h in range(1, self.hidden_size + 1) if self.hidden_size % h == 0]
+            nearest = sorted(sorted(divisors, key=lambda h: abs(h - self.num_heads))[:3])
             raise ValueError(
-                f"student.num_heads ({self.num_heads}) must divide student.hidden_size "
-                f"({self.hidden_size}); pick a head count such as "
-                f"{[h for h in range(1, 25) if self.hidden_size % h == 0][-4:]}"
+                f"num_heads: {self.num_heads} heads do not divide hidden_size {self.hidden_size}; "
+                f"pick a head count that divides it, e.g. one of {nearest}"
             )
         if self.init == "path" and not self.path:
-            raise ValueError("student.init is 'path' but student.path is not set; give the student's directory")
+            raise ValueError(
+                "path: init is 'path' but path is not set; give the student's Hugging Face directory"
+            )
         if self.path and self.init != "path":
-            raise ValueError("student.path is set but student.init is not 'path'; set init to 'path' or drop path")
+            raise ValueError(f"path: is set but init is '{self.init}'; set init to 'path' or drop path")
         return self
 
 
@@ -87,7 +120,8 @@ class LossesSpec(StrictModel):
         True, description="Mask padded keys out of token relations and padded rows out of the averages."
     )
     projection: Literal["per_layer", "shared"] = Field(
-        "per_layer", description="W_h for L_FFN: one student->teacher projection per mapped layer, or one shared."
+        "per_layer",
+        description="W_h for L_FFN: one student->teacher projection per mapped layer, or one shared.",
     )
     kd_temperature: float = Field(1.0, gt=0, description="tau of the soft-label KD loss.")
     kd_scale_by_t2: bool = Field(True, description="Multiply the soft-label KD loss by tau^2.")
@@ -127,7 +161,10 @@ class SourceSpec(StrictModel):
     @model_validator(mode="after")
     def _one_origin(self) -> SourceSpec:
         if (self.name is None) == (self.path is None):
-            raise ValueError("each data source needs exactly one of 'name' (hub dataset) or 'path' (local files)")
+            both = "both are set" if self.name is not None else "neither is set"
+            raise ValueError(
+                f"each data source needs exactly one of 'name' (hub dataset) or 'path' (local files); {both}"
+            )
         return self
 
 
@@ -135,7 +172,9 @@ class DataSpec(StrictModel):
     """The streamed corpus: sources, interleave, packing into full sequences."""
 
     sources: list[SourceSpec] = Field(min_length=1, description="Text sources, interleaved by weight.")
-    max_seq_length: int = Field(128, ge=8, description="Tokens per packed sequence, [CLS] and [SEP] included.")
+    max_seq_length: int = Field(
+        128, ge=8, description="Tokens per packed sequence, [CLS] and [SEP] included."
+    )
     shuffle_buffer: int = Field(
         1000, ge=0, description="Documents held in the shuffle buffer (saved in checkpoints); 0 = no shuffle."
     )
@@ -144,7 +183,9 @@ class DataSpec(StrictModel):
 class CheckpointSpec(StrictModel):
     """Sharded DeepSpeed checkpoints of the student and the exact data position."""
 
-    every_n_steps: int = Field(1000, ge=1, description="Write a checkpoint every N optimizer steps (and at the end).")
+    every_n_steps: int = Field(
+        1000, ge=1, description="Write a checkpoint every N optimizer steps (and at the end)."
+    )
     keep_last: int = Field(3, ge=1, description="Keep the newest K complete checkpoints, delete older ones.")
     resume: str = Field(
         "auto",
@@ -159,5 +200,551 @@ class LoggingSpec(StrictModel):
     """TensorBoard and console logging, rank 0 only."""
 
     every_n_steps: int = Field(10, ge=1, description="Log scalars every N optimizer steps.")
-    tensorboard_dir: str | None = Field(None, description="Event file directory; default <run.output_dir>/tensorboard.")
+    tensorboard_dir: str | None = Field(
+        None, description="Event file directory; default <run.output_dir>/tensorboard."
+    )
     progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
+    record_sample_ids: bool = Field(
+        False,
+        description="Every rank appends the ids of the documents it trains on to "
+        "<run.output_dir>/sample_ids/rank<R>.jsonl (an audit trail: no document lost or repeated).",
+    )
+
+
+class RunInfo(StrictModel):
+    """Identity of a run: where its outputs go and which seed makes it reproducible."""
+
+    name: str = Field("mlkd", min_length=1, description="Run name; names the default output directory.")
+    output_dir: str = Field(
+        "",
+        validate_default=True,
+        description="Directory for checkpoints, TensorBoard events and the exported student; "
+        "empty = outputs/<name>.",
+    )
+    seed: int = Field(42, description="Seed of every random number generator (data order, init, dropout).")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _default_output_dir(cls, value: str, info: ValidationInfo) -> str:
+        # Resolved here (not in the engine) so the printed plan and the spec hash show the real place.
+        return value or f"outputs/{info.data.get('name', 'mlkd')}"
+
+
+class TeacherSpec(StrictModel):
+    """The teacher: a BERT-like encoder that is never trained, only read."""
+
+    path: str = Field(
+        description="Local Hugging Face model directory (with config.json) or a hub name such as "
+        "'bert-base-uncased'."
+    )
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Dtype the teacher runs in; relations are still computed in fp32."
+    )
+    placement: Literal["replicate", "zero3"] = Field(
+        "replicate",
+        description="replicate: a full copy per rank under inference_mode; zero3: parameters partitioned "
+        "across ranks by a ZeRO-3 engine without optimizer, for teachers too big for one device.",
+    )
+
+
+class TrainSpec(StrictModel):
+    """Batching, step budget, optimizer (AdamW) and schedule; DeepSpeed is filled from these."""
+
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per rank per forward/backward.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Optional cross-check: sequences per optimizer step over all ranks; must equal "
+        "micro_batch_size x gradient_accumulation_steps x world size.",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train; exclusive with token_budget."
+    )
+    token_budget: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to train on; steps = ceil(token_budget / tokens per step). "
+        "Exclusive with max_steps.",
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; wins over warmup_ratio.")
+    warmup_ratio: float = Field(0.01, ge=0, lt=1, description="Warm-up as a fraction of the total steps.")
+    decay: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after warm-up."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay (not applied to biases/LayerNorm)."
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+    adam_eps: float = Field(1e-6, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping threshold; 0 = off.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16",
+        description="Mixed precision of the student. If not set here, a bf16/fp16 section of the DeepSpeed "
+        "config decides.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO stage of the student's engine. If not set here, the DeepSpeed config's "
+        "zero_optimization.stage decides.",
+    )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(
+                f"each beta must be in [0, 1), got {list(betas)}; the usual values are [0.9, 0.999]"
+            )
+        return betas
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSpec:
+        if (self.max_steps is None) == (self.token_budget is None):
+            state = "both are set" if self.max_steps is not None else "neither is set"
+            raise ValueError(
+                f"set exactly one of max_steps (optimizer steps) or token_budget (tokens); {state}"
+            )
+        return self
+
+
+class DeepSpeedSpec(StrictModel):
+    """Extra DeepSpeed settings the spec does not own (offload, communication, bucket sizes, ...)."""
+
+    config: str | dict[str, Any] | None = Field(
+        None,
+        description="Path of a DeepSpeed JSON file (looked up as given, then in the repo's ds_configs/) "
+        "or an "
+        "inline dict. Batch sizes, clipping, precision and ZeRO stage come from the spec; a different value "
+        "here is an error, and optimizer/scheduler sections are not allowed.",
+    )
+
+
+class RunSpec(StrictModel):
+    """A whole run. Load it with :func:`load_spec`, turn it into numbers with :func:`resolve_plan`."""
+
+    run: RunInfo = Field(default_factory=RunInfo, description="Run name, output directory, seed.")
+    teacher: TeacherSpec = Field(description="The teacher model.")
+    student: StudentSpec = Field(default_factory=StudentSpec, description="The student's architecture.")
+    losses: LossesSpec = Field(default_factory=LossesSpec, description="The distillation objective.")
+    data: DataSpec = Field(description="The training corpus.")
+    train: TrainSpec = Field(description="Batching, budget, optimizer, schedule, precision, ZeRO stage.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="Extra DeepSpeed settings.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpointing and resume."
+    )
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="TensorBoard and console logging.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunSpec:
+        # Rules that span sections. The teacher's layer count and width are only known once its
+        # config is loaded, so the range of layer_mapping and mha_splits vs the teacher are checked there.
+        problems = []
+        width, splits = self.student.hidden_size, self.losses.mha_splits
+        if splits is not None and width % splits:
+            problems.append(
+                f"losses.mha_splits: {splits} does not divide student.hidden_size {width}; "
+                "pick a divisor of the width or leave it unset (= the student's head count)"
+            )
+        mapping = self.losses.layer_mapping
+        if isinstance(mapping, list):
+            if len(mapping) != self.student.num_layers:
+                problems.append(
+                    f"losses.layer_mapping: has {len(mapping)} entries but student.num_layers is "
+                    f"{self.student.num_layers}; give one teacher layer per student layer, or 'uniform'"
+                )
+            if any(layer < 1 for layer in mapping):
+                problems.append(
+                    f"losses.layer_mapping: teacher layers are 1-based, got {mapping}; use numbers >= 1"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors for users
+# --------------------------------------------------------------------------------------------------
+
+
+class SpecError(Exception):
+    """Everything wrong with a spec, one line per problem, each naming the field or file and the fix.
+
+    Raised once with all problems so a user fixes the spec in one pass; never a traceback for bad input.
+    """
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+_FIELD_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.DOTALL)
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The spec section inside an annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk_loc(loc: tuple, is_extra: bool) -> tuple[list[str], type[BaseModel] | None, bool]:
+    """Turn a Pydantic error location into a dotted path, dropping union-branch tags.
+
+    Returns the path parts, the section model that owns the last key (for "allowed keys" hints)
+    and whether a union tag was dropped (so errors of the branches can be merged into one line).
+    """
+    parts: list[str] = []
+    model: type[BaseModel] | None = RunSpec
+    owner: type[BaseModel] | None = RunSpec
+    expect_tag = tagged = False
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts.append(str(part))
+            continue
+        if expect_tag:
+            expect_tag, tagged, model = False, True, None
+            continue
+        if model is not None and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+            parts.append(part)
+            owner = model
+            model = _model_in(annotation)
+            expect_tag = len(_union_members(annotation)) > 1
+            continue
+        parts.append(str(part))  # an unknown key (extra_forbidden) or a dict key
+        owner = model if is_extra and i == len(loc) - 1 else None
+        model = None
+    return parts, owner, tagged
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(err: dict) -> list[tuple[str, str, bool]]:
+    """(path, message, from a union branch) for one Pydantic error."""
+    kind = err["type"]
+    is_extra = kind == "extra_forbidden"
+    parts, owner, tagged = _walk_loc(tuple(err["loc"]), is_extra)
+    path = ".".join(parts)
+    if kind == "value_error":
+        text = str(err.get("ctx", {}).get("error", err["msg"]))
+        out = []
+        for line in text.splitlines() or [text]:
+            m = _FIELD_LINE.match(line)
+            if m:  # "field: text" from one of our validators, relative to the section
+                field = m.group(1)
+                full = field if not path or field.startswith(path + ".") else f"{path}.{field}"
+                out.append((full, m.group(2), False))
+            else:
+                out.append((path, line, False))
+        return out
+    if is_extra:
+        key = parts[-1]
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return [(path, f"unknown key; {hint}allowed keys are: {', '.join(allowed)}", False)]
+    if kind == "missing":
+        field = owner.model_fields.get(parts[-1]) if owner is not None and parts else None
+        what = "section" if field is not None and _model_in(field.annotation) is not None else "key"
+        return [(path, f"required {what} is missing; add it (see `mlkd-scale schema`)", False)]
+    message = err["msg"]
+    if not tagged and not isinstance(err.get("input"), dict):
+        message += f" (got {_short(err.get('input'))})"
+    return [(path, message, tagged)]
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """Problems of a :class:`RunSpec` ValidationError as ``"dotted.path: message"`` lines.
+
+    Errors of the branches of a union (``'uniform' | list[int]``) are merged into one line, since
+    "Input should be 'uniform'" and "Input should be a valid list" are two halves of one mistake.
+    """
+    lines: list[str] = []
+    unions: dict[str, tuple[int, list[str], Any]] = {}  # path -> (line index, branch messages, input)
+    for err in exc.errors():
+        for path, message, tagged in _describe(err):
+            label = path or "(top level)"
+            if not tagged:
+                lines.append(f"{label}: {message}")
+            elif path in unions:
+                unions[path][1].append(message)
+            else:
+                unions[path] = (len(lines), [message], err.get("input"))
+                lines.append("")
+    for path, (index, messages, given) in unions.items():
+        first, rest = messages[0], [m.removeprefix("Input should be ") for m in messages[1:]]
+        got = "" if isinstance(given, dict) else f" (got {_short(given)})"
+        lines[index] = f"{path}: {' or '.join([first, *rest])}{got}"
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML would silently keep the last one)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}; keep only one", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _json_unique(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}; keep only one")
+        out[key] = value
+    return out
+
+
+def read_mapping(path: str | Path, what: str = "spec") -> dict:
+    """Parse a JSON or YAML file into a dict, or raise a one-line :class:`SpecError` naming the file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise SpecError(f"{path}: a {what} must be a .json, .yaml or .yml file (the suffix picks the parser)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} file not found; check the path") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    try:
+        if suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_unique)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except ValueError as exc:  # duplicate JSON key
+        raise SpecError(f"{path}: invalid JSON: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise SpecError(f"{path}: the top level of a {what} must be a mapping of keys to values, got {got}")
+    return data
+
+
+def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
+    """Read, validate and check a spec file; raise one :class:`SpecError` with every problem.
+
+    Gathers schema errors, files that must exist (:func:`check_paths`) and DeepSpeed-config
+    conflicts. With ``world_size`` it also checks the batch arithmetic of :func:`resolve_plan`, so a
+    CLI can report every problem of a spec in one pass.
+    """
+    from mlkd_scale import plan as _plan  # plan imports this module
+
+    data = read_mapping(path)
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        # Still check the files of the sections that are valid on their own, so one pass finds all.
+        problems = format_validation_error(exc) + _section_path_problems(data)
+        raise SpecError(problems) from None
+    problems = check_paths(spec)
+    if world_size is None:
+        problems += _plan.check_deepspeed(spec)
+    else:
+        problems += _plan.plan_problems(spec, world_size)[1]
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Files that must exist
+# --------------------------------------------------------------------------------------------------
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name means a local directory rather than a hub repo id.
+
+    ``./x``, ``/x``, ``~/x``, an existing directory, or more than one ``/`` (hub ids are ``owner/name``).
+    """
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().is_dir()
+
+
+def find_deepspeed_config(name: str) -> Path | None:
+    """Where a ``deepspeed.config`` path points: as given, else inside the repo's ``ds_configs/``."""
+    given = Path(name).expanduser()
+    if given.is_file():
+        return given
+    if not given.is_absolute():
+        for candidate in (DS_CONFIG_DIR / given, DS_CONFIG_DIR / given.name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _model_dir_problems(field: str, name: str) -> list[str]:
+    if not looks_local(name):
+        return []
+    directory = Path(name).expanduser()
+    if not directory.is_dir():
+        return [
+            (
+                f"{field}: directory {name} does not exist; give a local Hugging Face model directory or a "
+                "hub name such as 'bert-base-uncased'"
+            )
+        ]
+    if not (directory / "config.json").is_file():
+        return [
+            (
+                f"{field}: {name} has no config.json; point it at a Hugging Face model directory "
+                "(as written by save_pretrained)"
+            )
+        ]
+    return []
+
+
+def _source_problems(index: int, source: SourceSpec) -> list[str]:
+    if source.path is None:
+        return []
+    pattern = str(Path(source.path).expanduser())
+    field = f"data.sources.{index}.path"
+    if glob.has_magic(pattern):
+        if not any(Path(p).is_file() for p in glob.iglob(pattern, recursive=True)):
+            return [f"{field}: glob {source.path} matches no files; fix the pattern or the directory"]
+        return []
+    if not Path(pattern).exists():
+        return [f"{field}: {source.path} does not exist; give an existing file, directory or glob"]
+    return []
+
+
+def _section_path_problems(data: dict) -> list[str]:
+    """check_paths for a spec that failed validation: each section that validates alone is checked."""
+    problems: list[str] = []
+    sections = {
+        "teacher": TeacherSpec,
+        "student": StudentSpec,
+        "deepspeed": DeepSpeedSpec,
+        "checkpoint": CheckpointSpec,
+    }
+    parsed: dict[str, Any] = {}
+    for key, model in sections.items():
+        raw = data.get(key)
+        if isinstance(raw, dict):
+            try:
+                parsed[key] = model.model_validate(raw)
+            except ValidationError:
+                pass
+    if "teacher" in parsed:
+        problems += _model_dir_problems("teacher.path", parsed["teacher"].path)
+    if "student" in parsed and parsed["student"].path:
+        problems += _model_dir_problems("student.path", parsed["student"].path)
+    raw_sources = data.get("data", {}).get("sources") if isinstance(data.get("data"), dict) else None
+    for i, raw in enumerate(raw_sources if isinstance(raw_sources, list) else []):
+        try:
+            problems += _source_problems(i, SourceSpec.model_validate(raw))
+        except ValidationError:
+            pass
+    if "deepspeed" in parsed:
+        problems += _deepspeed_path_problems(parsed["deepspeed"])
+    if "checkpoint" in parsed:
+        problems += _resume_problems(parsed["checkpoint"])
+    return problems
+
+
+def _deepspeed_path_problems(ds: DeepSpeedSpec) -> list[str]:
+    if isinstance(ds.config, str) and find_deepspeed_config(ds.config) is None:
+        return [
+            (
+                f"deepspeed.config: file {ds.config} not found (looked at {ds.config} and in "
+                f"{DS_CONFIG_DIR}); give an existing DeepSpeed JSON file, e.g. ds_configs/zero2.json"
+            )
+        ]
+    return []
+
+
+def _resume_problems(ckpt: CheckpointSpec) -> list[str]:
+    if ckpt.resume in ("auto", "never") or Path(ckpt.resume).expanduser().is_dir():
+        return []
+    return [
+        (
+            f"checkpoint.resume: {ckpt.resume} is not a directory; use 'auto', 'never' or an existing "
+            "checkpoint tag directory"
+        )
+    ]
+
+
+def check_paths(spec: RunSpec) -> list[str]:
+    """Problems with files the run needs before it starts (data, teacher/student dirs, DeepSpeed file).
+
+    Checked up front so a cluster job does not fail minutes in, after the launcher started every rank.
+    Hub names are not checked (that would need the network).
+    """
+    problems = _model_dir_problems("teacher.path", spec.teacher.path)
+    if spec.student.path:
+        problems += _model_dir_problems("student.path", spec.student.path)
+    for i, source in enumerate(spec.data.sources):
+        problems += _source_problems(i, source)
+    problems += _deepspeed_path_problems(spec.deepspeed)
+    problems += _resume_problems(spec.checkpoint)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity
+# --------------------------------------------------------------------------------------------------
+
+#: Keys left out of :func:`spec_hash`: they say where outputs go, how often to log/checkpoint and where
+#: to resume from, so changing them on resume is expected and must not look like a changed run.
+HASH_EXCLUDE: dict[str, Any] = {"run": {"name", "output_dir"}, "checkpoint": True, "logging": True}
+
+
+def spec_hash(spec: RunSpec) -> str:
+    """A short, stable id of everything that shapes the training math (16 hex digits of sha256).
+
+    Stored in checkpoints: a resumed run compares it to detect a changed spec. It is the sha256 of
+    the canonical JSON dump (sorted keys, no whitespace) minus :data:`HASH_EXCLUDE`.
+    """
+    dump = spec.model_dump(mode="json", exclude=HASH_EXCLUDE)
+    canonical = json.dumps(dump, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def __getattr__(name: str) -> Any:
+    # Plan / resolve_plan live in mlkd_scale.plan (which imports this module); re-exported lazily
+    # so `from mlkd_scale.spec import resolve_plan` works without an import cycle.
+    if name in ("Plan", "resolve_plan"):
+        from mlkd_scale import plan as _plan
+
+        return getattr(_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,105 @@
+"""``mlkd-scale`` command line: check a spec before a cluster job, print its schema, export a student.
+
+Commands return None (or exit) so that ``fire`` prints nothing of its own; errors for users are the
+:class:`~mlkd_scale.spec.SpecError` lines on stderr with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _world_size(world_size: int | None) -> int:
+    if world_size is None:
+        raw = os.environ.get("WORLD_SIZE", "1")
+        try:
+            world_size = int(raw)
+        except ValueError:
+            _fail(f"WORLD_SIZE: {raw!r} is not an integer; unset it or pass --world_size N")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        _fail(f"--world_size: must be a positive integer, got {world_size!r}")
+    return world_size
+
+
+def validate(spec: str, world_size: int | None = None) -> None:
+    """Check SPEC (JSON/YAML) and print the resolved plan; exit 2 with every problem if it is invalid.
+
+    Args:
+        spec: Path of the run spec.
+        world_size: Ranks the run will use (default: $WORLD_SIZE or 1); the global batch depends on it.
+    """
+    from mlkd_scale.plan import resolve_plan
+    from mlkd_scale.spec import SpecError, load_spec, spec_hash
+
+    world_size = _world_size(world_size)
+    try:
+        run_spec = load_spec(str(spec), world_size=world_size)
+        plan = resolve_plan(run_spec, world_size)
+    except SpecError as exc:
+        _fail(
+            f"{spec}: invalid run spec ({len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''})\n"
+            + "\n".join(f"  {line}" for line in exc.problems)
+        )
+    print(
+        f"spec: {spec} (hash {spec_hash(run_spec)}, run '{run_spec.run.name}' -> {run_spec.run.output_dir})"
+    )
+    print(plan.summary())
+
+
+def schema() -> None:
+    """Print the JSON Schema of a run spec (for editors and documentation)."""
+    from mlkd_scale.spec import RunSpec
+
+    print(json.dumps(RunSpec.model_json_schema(), indent=2))
+
+
+def export(checkpoint: str, out: str) -> None:
+    """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory."""
+    try:
+        from mlkd_scale.engine.export import export_checkpoint
+    except ImportError as exc:
+        _fail(f"export is not available in this installation ({exc})")
+    from mlkd_scale.spec import SpecError
+
+    user_errors: tuple[type[BaseException], ...] = (
+        SpecError,
+        FileNotFoundError,
+        NotADirectoryError,
+        FileExistsError,
+    )
+    try:
+        from mlkd_scale.engine.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        written = export_checkpoint(str(checkpoint), str(out))
+    except user_errors as exc:
+        _fail(f"export: {exc}")
+    print(f"exported the student to {written or out}")
+
+
+COMMANDS = {"validate": validate, "schema": schema, "export": export}
+
+
+def main() -> None:
+    """Console-script entry point (``mlkd-scale``)."""
+    import fire
+
+    # fire shows help through a pager when stdout is a terminal; a CLI should just print.
+    os.environ.setdefault("PAGER", "cat")
+    fire.Fire(COMMANDS, name="mlkd-scale")
+
+
+if __name__ == "__main__":
+    main()
