@@ -64,32 +64,39 @@ def schema() -> None:
 
 def export(checkpoint: str, out: str) -> None:
     """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory."""
-    try:
-        from mlkd_scale.engine.export import export_checkpoint
-    except ImportError as exc:
-        _fail(f"export is not available in this installation ({exc})")
-    from mlkd_scale.spec import SpecError
+    from mlkd_scale.engine.checkpoint import CheckpointError
+    from mlkd_scale.engine.export import export_checkpoint
 
-    user_errors: tuple[type[BaseException], ...] = (
-        SpecError,
-        FileNotFoundError,
-        NotADirectoryError,
-        FileExistsError,
-    )
-    try:
-        from mlkd_scale.engine.checkpoint import CheckpointError
-
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
     try:
         written = export_checkpoint(str(checkpoint), str(out))
-    except user_errors as exc:
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _fail(f"export: {exc}")
-    print(f"exported the student to {written or out}")
+    print(f"exported the student to {written}")
 
 
-COMMANDS = {"validate": validate, "schema": schema, "export": export}
+def agreement(teacher: str, student: str, heldout: str, limit: int = 400, seed: int = 0) -> None:
+    """Spearman agreement of STUDENT's and TEACHER's sentence similarities on HELDOUT text.
+
+    HELDOUT is a heldout.jsonl (or its directory) from ``python -m mlkd_scale.data.local_corpus``;
+    an untrained student of the same architecture is scored alongside as the baseline.
+    """
+    from mlkd_scale.data.local_corpus import heldout_sentences
+    from mlkd_scale.evaluation import agreement_report
+
+    for path, what in ((teacher, "teacher"), (student, "student")):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            _fail(f"agreement: {what} {path} is not a Hugging Face model directory (no config.json)")
+    sentences = heldout_sentences(heldout, limit=limit)
+    if len(sentences) < 3:
+        _fail(f"agreement: {heldout} has {len(sentences)} usable sentences; need at least 3")
+    report = agreement_report(teacher, student, sentences, seed=seed)
+    print(
+        f"agreement with the teacher (Spearman of pairwise sentence similarities, {report['sentences']} "
+        f"held-out sentences): trained student {report['trained']:.3f}, untrained student {report['untrained']:.3f}"
+    )
+
+
+COMMANDS = {"validate": validate, "schema": schema, "export": export, "agreement": agreement}
 
 
 def main() -> None:

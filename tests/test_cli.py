@@ -133,18 +133,6 @@ def test_schema_prints_json_schema(tmp_path: Path) -> None:
     assert "micro_batch_size" in schema["$defs"]["TrainSpec"]["properties"]
 
 
-def test_export_calls_the_engine_lazily(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    calls = []
-    fake = types.ModuleType("mlkd_scale.engine.export")
-    fake.export_checkpoint = lambda checkpoint, out: calls.append((checkpoint, out))
-    monkeypatch.setitem(sys.modules, "mlkd_scale.engine.export", fake)
-    assert cli.export("runs/x/checkpoints/step_100", "student_hf") is None
-    assert calls == [("runs/x/checkpoints/step_100", "student_hf")]
-    assert "exported the student to student_hf" in capsys.readouterr().out
-
-
 def test_export_reports_a_missing_checkpoint(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -1,0 +1,32 @@
+"""The module DeepSpeed trains: the student plus the objective's projections (never the teacher)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from mlkd_scale.losses import DistillationObjective
+from mlkd_scale.models import FeatureTap, Features
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class DistillationModule(nn.Module):
+    """``student`` and ``objective`` as children, so both are optimised and checkpointed together.
+
+    The teacher's features are an input of :meth:`forward`: the teacher lives outside this module,
+    outside the optimizer and outside every checkpoint.
+    """
+
+    def __init__(self, student: PreTrainedModel, objective: DistillationObjective):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self._tap = FeatureTap(student, objective.student_request())
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], teacher_features: Features, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student_features = self._tap(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        return self.objective(teacher_features, student_features, batch.get("attention_mask"), labels)

@@ -1,0 +1,50 @@
+"""Learning-rate schedule and optimizer parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mlkd_scale.spec import TrainSpec
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:
+    """Factor on the peak lr at optimizer step ``step`` (0-based): linear warm-up, then decay.
+
+    linear / cosine decay go from 1 to ``min_lr_ratio`` at ``total_steps``; constant stays at 1.
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    shape = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+
+def build_optimizer(
+    module: nn.Module, train: TrainSpec, total_steps: int, warmup_steps: int, fused: bool = False
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with no weight decay on biases and LayerNorm weights, and its LambdaLR schedule.
+
+    Only parameters that require grad are optimised (frozen projections stay out).
+    """
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = {"fused": True} if fused else {}
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(step, total_steps, warmup_steps, train.decay, train.min_lr_ratio),
+    )
+    return optimizer, scheduler

