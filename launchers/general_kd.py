@@ -7,6 +7,8 @@ arguments, load the spec, hand over to the engine.
 import argparse
 import sys
 
+from mlkd_scale.data.sources import DataError
+from mlkd_scale.engine.checkpoint import CheckpointError
 from mlkd_scale.engine.trainer import Trainer
 from mlkd_scale.spec import SpecError, load_spec
 
@@ -24,8 +26,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         Trainer(load_spec(args.spec), stop_after_steps=args.stop_after_steps).train()
-    except SpecError as error:
-        print(f"error in {args.spec}:\n{error}", file=sys.stderr)
+    except (SpecError, DataError, CheckpointError) as error:
+        print(f"error in the run of {args.spec}:\n{error}", file=sys.stderr)
         return 2
     return 0
 
