@@ -83,3 +83,30 @@ def sample_ids(output_dir: Path) -> list:
             for row in json.loads(line)["doc_ids"]:
                 ids.extend(row)
     return ids
+
+
+def run_two_nodes(spec: Path, timeout: int = 600) -> list:
+    """Two "nodes" on this machine: a 2-line hostfile and one ``deepspeed --no_ssh`` per node rank."""
+    hostfile = spec.parent / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    port = str(_free_port())
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    procs = [
+        subprocess.Popen(
+            [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+             "--master_addr", "127.0.0.1", "--master_port", port,
+             str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
+            cwd=spec.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    return [(p.communicate(timeout=timeout)[0], p.returncode) for p in procs]
+
+
+def run_torchrun(spec: Path, ranks: int = 2, timeout: int = 600):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
+           str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)]
+    return subprocess.run(cmd, cwd=spec.parent, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,14 +1,19 @@
 """General distillation end to end through the real deepspeed launcher on 2 CPU ranks."""
 
 import math
-import shutil
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from mlkd_scale.engine.checkpoint import read_complete
 from mlkd_scale.engine.tb_logger import read_scalars, read_texts
-from run_fixtures import make_corpus, make_spec, make_teacher, run_launcher, sample_ids
+from run_fixtures import (
+    REPO, make_corpus, make_spec, make_teacher, run_launcher, run_torchrun, run_two_nodes, sample_ids,
+)
 
 pytestmark = pytest.mark.launcher
 
@@ -80,17 +85,30 @@ def test_tensorboard_export_and_spec_text(tmp_path, assets):
 
 
 def test_plain_python_single_process_bf16(tmp_path, assets):
-    import subprocess
-    import sys
-
     teacher, corpus = assets
     spec = make_spec(tmp_path, teacher, corpus, train__max_steps=2, train__precision="bf16",
                      teacher__dtype="bf16", train__zero_stage=1)
-    from run_fixtures import REPO
-
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     _ok(proc)
     assert "run finished at step 2" in proc.stdout
-    shutil.rmtree(tmp_path / "out")
+    assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 1
+
+
+def test_torchrun(tmp_path, assets):
+    teacher, corpus = assets
+    _ok(run_torchrun(make_spec(tmp_path, teacher, corpus, train__max_steps=2)))
+    assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 2
+    assert AutoModel.from_pretrained(tmp_path / "out" / "student").config.num_hidden_layers == 2
+
+
+def test_two_nodes_with_a_hostfile_and_no_ssh(tmp_path, assets):
+    teacher, corpus = assets
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=2)
+    (out0, rc0), (out1, rc1) = run_two_nodes(spec)
+    assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
+    assert "dist_world_size=2" in out0
+    assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 2
+    ids = sample_ids(tmp_path / "out")
+    assert len(ids) == len(set(ids)) > 0
