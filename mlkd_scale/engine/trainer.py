@@ -138,6 +138,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for _ in range(self.plan.gradient_accumulation_steps):
             batch = self._next_batch()
+            # no_grad rather than inference_mode: the losses save teacher tensors for the student's
+            # backward (e.g. the MSE target), which autograd refuses to do with inference tensors.
             with torch.no_grad():
                 teacher_features = self.teacher_tap(**batch)
             total, terms = self.engine(batch, teacher_features)
