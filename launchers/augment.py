@@ -1,0 +1,109 @@
+"""TinyBERT-style task-data augmentation: ``deepspeed launchers/augment.py --teacher_mlm DIR --input F --out D``.
+
+Runs as plain ``python`` (one process) or under ``deepspeed``/``torchrun`` (each rank its shard;
+CPU ranks need ``DS_ACCELERATOR=cpu``). Rerun the same command to resume an interrupted run;
+read the result with ``mlkd_scale.data.augment.load_augmented(OUT)``.
+
+Under the ``deepspeed`` launcher write ``--num_variants`` instead of ``--n``: the launcher's own
+argument parser sees every argument and stops on ``--n`` (an abbreviation of several of its options).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from mlkd_scale.data.augment import (
+    AugmentCacheError,
+    Augmenter,
+    EmbeddingNeighbours,
+    GloveNeighbours,
+    augment_dataset,
+)
+from mlkd_scale.data.augment_inputs import TASKS, AugmentInputError, file_sha256, read_examples
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--teacher_mlm", required=True, help="Hugging Face dir of a masked LM (e.g. BERT-base)")
+    parser.add_argument("--input", required=True, help="training examples: .jsonl, or .tsv with a header")
+    parser.add_argument("--out", required=True, help="cache directory (shards, settings.json, DONE)")
+    parser.add_argument("--task", choices=sorted(TASKS), type=str.lower,
+                        help="GLUE task: sets the fields and TinyBERT's n for it (explicit flags win)")
+    parser.add_argument("--n", "--num_variants", dest="n", type=int, default=None,
+                        help="variants per sentence (default 20, or the task's); under deepspeed spell it "
+                             "--num_variants: deepspeed's own parser rejects --n as an ambiguous abbreviation")
+    parser.add_argument("--p", type=float, default=0.4, help="probability of replacing an eligible word")
+    parser.add_argument("--k", type=int, default=15, help="candidates per word (TinyBERT's M)")
+    parser.add_argument("--glove", default=None, help="GloVe .txt for multi-piece words (default: MLM embeddings)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_seq_length", type=int, default=None, help="masked-LM input cap (default 512)")
+    parser.add_argument("--dedup", action="store_true", help="drop variants equal to an earlier one (TinyBERT)")
+    parser.add_argument("--batch_size", type=int, default=32, help="masked rows per forward")
+    parser.add_argument("--commit_every", type=int, default=16, help="examples between progress commits")
+    parser.add_argument("--text_a_field", default=None)
+    parser.add_argument("--text_b_field", default=None)
+    parser.add_argument("--label_field", default=None)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    args = parser.parse_args()
+    preset = TASKS.get(args.task)
+    args.columns = preset.columns if preset else None
+    args.n = args.n if args.n is not None else (preset.n if preset else 20)
+    args.text_a_field = args.text_a_field or (preset.text_a if preset else "text_a")
+    args.text_b_field = args.text_b_field or (preset.text_b if preset else None)
+    args.label_field = args.label_field or (preset.label if preset else None)
+    return args
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """gloo is enough (only barriers); the long timeout covers ranks that finish hours apart."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        return 0, 1, device
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(days=2), verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def _load_mlm(path: str, device: torch.device, verbose: bool):
+    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    missing = sorted(info.get("missing_keys", []))
+    if missing and verbose:
+        print(f"warning: {path} has no trained masked-LM head ({len(missing)} weights newly initialised, "
+              f"e.g. {missing[0]}); candidates will be noise", file=sys.stderr)
+    return model.to(device).eval()
+
+
+def main() -> int:
+    args = _parse()
+    rank, world_size, device = _init_distributed()
+    teacher = str(Path(args.teacher_mlm).resolve())
+    try:
+        examples = read_examples(args.input, args.text_a_field, args.text_b_field, args.label_field, args.columns)
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        model = _load_mlm(teacher, device, verbose=rank == 0)
+        neighbours = GloveNeighbours(args.glove) if args.glove else EmbeddingNeighbours(model, tokenizer)
+        augmenter = Augmenter(model, tokenizer, neighbours, p=args.p, k=args.k, n=args.n, seed=args.seed,
+                              max_seq_length=args.max_seq_length, dedup=args.dedup, batch_size=args.batch_size)
+        meta = {"input": str(Path(args.input).resolve()), "input_sha256": file_sha256(args.input),
+                "fields": [args.text_a_field, args.text_b_field, args.label_field]}
+        totals = augment_dataset(examples, args.out, augmenter, rank, world_size, meta=meta,
+                                 commit_every=args.commit_every, show_progress=rank == 0)
+    except (AugmentCacheError, AugmentInputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(json.dumps({"out": str(args.out), **(totals or {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
