@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mlkd_scale.losses import DistillationObjective
-from mlkd_scale.models import FeatureTap, Features
+from mlkd_scale.models import Features, FeatureTap
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -2,7 +2,7 @@
 
 from mlkd_scale.models.mapping import resolve_layer_mapping
 from mlkd_scale.models.student import build_student, build_student_config
-from mlkd_scale.models.taps import FeatureTap, Features, TapRequest
+from mlkd_scale.models.taps import Features, FeatureTap, TapRequest
 from mlkd_scale.models.teacher import load_teacher
 
 __all__ = [

@@ -165,7 +165,7 @@ class FeatureTap:
         self._handles.clear()
         self._store.clear()
 
-    def __enter__(self) -> FeatureTap:
+    def __enter__(self) -> FeatureTap:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
