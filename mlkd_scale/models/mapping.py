@@ -20,7 +20,8 @@ def resolve_layer_mapping(mapping: str | list[int], num_student_layers: int, num
             )
         return [k * m // n for k in range(1, n + 1)]
     if isinstance(mapping, str):
-        raise ValueError(  # noqa: TRY004 - a spec value, reported like every other bad valuef"losses.layer_mapping must be 'uniform' or a list of teacher layers, not {mapping!r}")
+        message = f"losses.layer_mapping must be 'uniform' or a list of teacher layers, not {mapping!r}"
+        raise ValueError(message)  # noqa: TRY004 - a bad spec value, reported like every other one
     layers = list(mapping)
     if len(layers) != n:
         raise ValueError(
