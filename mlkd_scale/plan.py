@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mlkd_scale.spec import RunSpec, SpecError, find_deepspeed_config
+from mlkd_scale.spec import MAX_SPEC_BYTES, RunSpec, SpecError, find_deepspeed_config, structure_problems
 
 #: Top-level DeepSpeed keys filled from the spec, with the spec field that owns each.
 OWNED_KEYS = {
@@ -97,7 +97,9 @@ def _user_config(spec: RunSpec) -> tuple[dict[str, Any], str, list[str]]:
     if path is None:  # check_paths reports the missing file
         return {}, label, []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            return {}, label, [f"deepspeed.config: {cfg} is larger than {MAX_SPEC_BYTES // 2**20} MiB"]
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         return (
             {},
@@ -111,8 +113,18 @@ def _user_config(spec: RunSpec) -> tuple[dict[str, Any], str, list[str]]:
         )
     except OSError as exc:
         return {}, label, [f"deepspeed.config: cannot read {cfg} ({exc.strerror or exc})"]
+    except UnicodeDecodeError:
+        return {}, label, [f"deepspeed.config: {cfg} is not UTF-8 text; save it as UTF-8 JSON"]
+    except RecursionError:
+        return {}, label, [f"deepspeed.config: {cfg} is nested too deeply to read"]
+    except ValueError as exc:  # e.g. a number with too many digits
+        message = str(exc).split("; use sys.set_int_max_str_digits", 1)[0]
+        return {}, label, [f"deepspeed.config: {cfg} is not valid JSON ({message}); fix the file"]
     if not isinstance(data, dict):
         return {}, label, [f"deepspeed.config: {cfg} must hold a JSON object, got a {type(data).__name__}"]
+    problems = structure_problems(data)
+    if problems:
+        return {}, label, [f"deepspeed.config: {cfg}: {line}" for line in problems]
     return data, label, []
 
 
@@ -121,8 +133,13 @@ def _file_precision(user: dict[str, Any], label: str, problems: list[str]) -> st
     enabled = {}
     for section in ("bf16", "fp16"):
         value = user.get(section)
-        if isinstance(value, dict) and isinstance(value.get("enabled"), bool):  # "auto"/absent: no opinion
-            enabled[section] = value["enabled"]
+        if not isinstance(value, dict):
+            continue
+        flag = value.get("enabled", "auto")
+        if isinstance(flag, bool):
+            enabled[section] = flag
+        elif flag != "auto":  # "auto"/absent: no opinion; anything else is a typo, not "no opinion"
+            problems.append(f'{label} sets {section}.enabled={flag!r}; use true, false or "auto"')
     if enabled.get("bf16") and enabled.get("fp16"):
         problems.append(
             f"{label} enables both bf16 and fp16; enable at most one (or let train.precision decide)"
@@ -132,6 +149,15 @@ def _file_precision(user: dict[str, Any], label: str, problems: list[str]) -> st
         if enabled.get(section):
             return section
     return "fp32" if enabled else None
+
+
+def _non_finite(value: Any, prefix: str = "") -> list[str]:
+    """Dotted keys holding NaN or an infinity (JSON cannot carry them; DeepSpeed would misbehave)."""
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _non_finite(v, f"{prefix}{key}.")]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _non_finite(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if isinstance(value, float) and not math.isfinite(value) else []
 
 
 def _autos(value: Any, prefix: str = "") -> list[str]:
@@ -200,8 +226,10 @@ def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, 
     zero = user.get("zero_optimization", {})
     stage = train.zero_stage
     file_stage = zero.get("stage", "auto")
+    if isinstance(file_stage, float) and file_stage in (0, 1, 2, 3):
+        file_stage = int(file_stage)  # 2.0 is stage 2; DeepSpeed wants an int
     if file_stage != "auto":
-        if file_stage not in (0, 1, 2, 3) or isinstance(file_stage, bool):
+        if isinstance(file_stage, bool) or file_stage not in (0, 1, 2, 3):
             problems.append(f"{label} sets zero_optimization.stage={file_stage!r}; use 0, 1, 2 or 3")
         elif "zero_stage" not in explicit:
             stage = file_stage
@@ -222,6 +250,8 @@ def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, 
 
     for key in _autos(filled):
         problems.append(f"{label} sets {key}='auto', which the spec cannot fill; give a value or remove it")
+    for key in _non_finite(filled):
+        problems.append(f"{label} sets {key} to a non-finite number; give a finite value or remove it")
     return filled, precision, stage, problems
 
 
@@ -253,7 +283,7 @@ def plan_problems(spec: RunSpec, world_size: int) -> tuple[Plan | None, list[str
     if train.max_steps is not None:
         total = train.max_steps
     else:
-        total = math.ceil(train.token_budget / tokens_per_step)
+        total = -(-train.token_budget // tokens_per_step)  # exact ceil, even past 2**53
     if train.warmup_steps is not None:
         warmup = train.warmup_steps
         if warmup > total:

@@ -21,6 +21,7 @@ import difflib
 import glob
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -42,10 +43,70 @@ from pydantic import (
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
-class StrictModel(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are re-validated on assignment."""
+#: Largest integer a spec accepts anywhere (int64: what torch, numpy and DeepSpeed can hold).
+MAX_INT = 2**63 - 1
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field (or container element) annotation is a number and not a bool."""
+    if annotation in (int, float):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return bool(args) and all(isinstance(a, int) and not isinstance(a, bool) for a in args)
+    if origin in (Union, types.UnionType):
+        return bool not in args and any(_wants_number(a) for a in args)
+    return False
+
+
+def _number_problem(annotation: Any, value: Any) -> str | None:
+    """A boolean where a number belongs (Pydantic would read ``true`` as 1), or an int beyond int64."""
+    if isinstance(value, bool):
+        return "expected a number, got a boolean; write the number" if _wants_number(annotation) else None
+    if isinstance(value, int):
+        if abs(value) > MAX_INT and _wants_number(annotation):
+            return f"a number with {len(str(abs(value)))} digits is too large; numbers must fit in 64 bits"
+        return None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        for member in args:
+            problem = _number_problem(member, value)
+            if problem:
+                return problem
+        return None
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        elements = args[:1] * len(value) if origin is list or args[-1] is Ellipsis else args
+        for member, item in zip(elements, value):
+            problem = _number_problem(member, item)
+            if problem:
+                return problem
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        for item in value.values():
+            problem = _number_problem(args[1], item)
+            if problem:
+                return problem
+    return None
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are re-validated on assignment.
+
+    Numbers must be finite (NaN and infinities are refused), a boolean is never read as a number
+    (``micro_batch_size: true`` would otherwise silently be 1), and integers must fit in 64 bits.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or isinstance(value, (str, float)):  # the common case, kept cheap
+            return value
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        problem = _number_problem(field.annotation, value) if field is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class StudentSpec(StrictModel):
@@ -69,11 +130,14 @@ class StudentSpec(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
         if self.hidden_size % self.num_heads:
-            divisors = [h for h in range(1, self.hidden_size + 1) if self.hidden_size % h == 0]
-            nearest = sorted(sorted(divisors, key=lambda h: abs(h - self.num_heads))[:3])
+            divisors = _divisors(self.hidden_size)
+            hint = ""
+            if divisors:  # None for absurd widths, where listing divisors would take too long
+                nearest = sorted(sorted(divisors, key=lambda h: abs(h - self.num_heads))[:3])
+                hint = f", e.g. one of {nearest}"
             raise ValueError(
                 f"num_heads: {self.num_heads} heads do not divide hidden_size {self.hidden_size}; "
-                f"pick a head count that divides it, e.g. one of {nearest}"
+                f"pick a head count that divides it{hint}"
             )
         if self.init == "path" and not self.path:
             raise ValueError(
@@ -82,6 +146,14 @@ class StudentSpec(StrictModel):
         if self.path and self.init != "path":
             raise ValueError(f"path: is set but init is '{self.init}'; set init to 'path' or drop path")
         return self
+
+
+def _divisors(n: int, limit: int = 10**10) -> list[int] | None:
+    """The divisors of ``n`` in ascending order (None when ``n`` is beyond ``limit``)."""
+    if n > limit:
+        return None
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 class LossesSpec(StrictModel):
@@ -139,6 +211,14 @@ class LossesSpec(StrictModel):
     relation_teacher_layer: int | None = Field(
         None, ge=1, description="minilmv2 preset: teacher layer (1-based) to distil from; None = last."
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_not_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        negative = {name: w for name, w in weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"loss weights must be >= 0 (0 switches a term off), got {negative}")
+        return weights
 
 
 class SourceSpec(StrictModel):
@@ -376,11 +456,33 @@ class SpecError(Exception):
     """
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        # One problem is one line: user text quoted in a message (a path with a newline, a key with
+        # a NUL byte) is escaped, so a line never breaks or hides what follows.
+        self.problems = [one_line(str(p)) for p in problems]
         super().__init__("\n".join(self.problems))
 
     def __str__(self) -> str:
         return "\n".join(self.problems)
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other non-printable characters escaped (``\\n``, ``\\x00``)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )
+
+
+_PLAIN_KEY = re.compile(r"^[\w\-]+$")
+
+
+def _key_text(key: Any) -> str:
+    """A key as a part of a dotted path: as is when plain, else quoted (``run."my key"``, ``""``)."""
+    key = str(key)
+    return key if _PLAIN_KEY.match(key) else json.dumps(key, ensure_ascii=False)
 
 
 _FIELD_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.DOTALL)
@@ -427,7 +529,7 @@ def _walk_loc(loc: tuple, is_extra: bool) -> tuple[list[str], type[BaseModel] | 
             model = _model_in(annotation)
             expect_tag = len(_union_members(annotation)) > 1
             continue
-        parts.append(str(part))  # an unknown key (extra_forbidden) or a dict key
+        parts.append(_key_text(part))  # an unknown key (extra_forbidden) or a dict key
         owner = model if is_extra and i == len(loc) - 1 else None
         model = None
     return parts, owner, tagged
@@ -457,7 +559,7 @@ def _describe(err: dict) -> list[tuple[str, str, bool]]:
                 out.append((path, line, False))
         return out
     if is_extra:
-        key = parts[-1]
+        key = str(err["loc"][-1])
         allowed = sorted(owner.model_fields) if owner is not None else []
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -503,13 +605,36 @@ def format_validation_error(exc: ValidationError) -> list[str]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses duplicate keys (PyYAML would silently keep the last one)."""
+    """A YAML loader that refuses duplicate keys (PyYAML would silently keep the last one).
+
+    It also stops at flow collections (``[...]``, ``{...}``) nested deeper than :data:`MAX_DEPTH`:
+    PyYAML's scanner slows down quadratically with the nesting and its composer recurses, so
+    ``[[[[...]]]]`` 3000 deep would take seconds before failing with a RecursionError.
+    """
+
+    def fetch_flow_collection_start(self, TokenClass: type) -> None:
+        if self.flow_level >= MAX_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"brackets nested more than {MAX_DEPTH} levels deep", self.get_mark()
+            )
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a {type(key).__name__} is used as a key; keys must be strings",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}; keep only one", key_node.start_mark
@@ -530,6 +655,98 @@ def _json_unique(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+#: Limits on what a spec file may hold: no real spec comes near them, and they keep a hostile or
+#: broken file (a YAML "billion laughs", a list nested 100000 deep) from hanging or crashing a check.
+MAX_SPEC_BYTES = 16 * 2**20
+MAX_DEPTH = 50
+MAX_VALUES = 100_000
+_YAML_KINDS = {
+    "date": "a date (quote it to make it text)",
+    "datetime": "a timestamp (quote it to make it text)",
+    "bytes": "binary data (!!binary)",
+    "set": "a set (!!set; use a list)",
+    "tuple": "an ordered pair (!!omap/!!pairs; use a mapping)",
+}
+
+
+class _TooMany(Exception):
+    pass
+
+
+def structure_problems(data: Any, limit: int = 20) -> list[str]:
+    """Values no spec can hold, as ``"dotted.path: problem"`` lines (at most ``limit``).
+
+    JSON and YAML can express things Pydantic and DeepSpeed cannot take: nesting deeper than
+    :data:`MAX_DEPTH`, more than :data:`MAX_VALUES` values once YAML aliases are expanded, a value
+    that contains itself (``&a [*a]``), keys that are not strings (``1: x``, ``null: x``), YAML-only
+    values (dates, binary, sets) and strings with a NUL byte or a lone surrogate (``"\\ud800"``).
+    """
+    problems: list[str] = []
+    open_ids: set[int] = set()
+    count = 0
+
+    def walk(value: Any, path: list[str]) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_VALUES:
+            raise _TooMany
+        where = ".".join(path) or "(top level)"
+        if isinstance(value, (dict, list)):
+            if id(value) in open_ids:
+                problems.append(
+                    f"{where}: contains itself (a YAML alias inside its own anchor); write it out"
+                )
+                return
+            if len(path) >= MAX_DEPTH:
+                problems.append(
+                    f"{where}: nested more than {MAX_DEPTH} levels deep; no spec setting needs that"
+                )
+                return
+            open_ids.add(id(value))
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if isinstance(key, str):
+                        walk(item, [*path, _key_text(key)])
+                    else:
+                        problems.append(
+                            f"{where}: key {key!r} is not a string; keys must be strings (quote it)"
+                        )
+            else:
+                for index, item in enumerate(value):
+                    walk(item, [*path, str(index)])
+            open_ids.discard(id(value))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                problems.append(f"{where}: contains a NUL character; remove it")
+            else:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    problems.append(
+                        f"{where}: is not valid Unicode (a lone surrogate such as \\ud800); fix the text"
+                    )
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            kind = _YAML_KINDS.get(type(value).__name__, f"a {type(value).__name__}")
+            problems.append(f"{where}: holds {kind}, which a spec cannot take")
+
+    try:
+        walk(data, [])
+    except _TooMany:
+        problems.append(
+            f"(top level): holds more than {MAX_VALUES} values (counting each use of a YAML alias); "
+            "a spec is never that large"
+        )
+    if len(problems) > limit:
+        problems = problems[:limit] + [f"(top level): and {len(problems) - limit} more problems like these"]
+    return problems
+
+
+def _parse(text: str, suffix: str) -> Any:
+    if suffix == ".json":
+        return json.loads(text, object_pairs_hook=_json_unique)
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_mapping(path: str | Path, what: str = "spec") -> dict:
     """Parse a JSON or YAML file into a dict, or raise a one-line :class:`SpecError` naming the file."""
     path = Path(path)
@@ -537,28 +754,56 @@ def read_mapping(path: str | Path, what: str = "spec") -> dict:
     if suffix not in (".json", ".yaml", ".yml"):
         raise SpecError(f"{path}: a {what} must be a .json, .yaml or .yml file (the suffix picks the parser)")
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"{path}: the {what} file is larger than {MAX_SPEC_BYTES // 2**20} MiB; is it the right file?"
+            )
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: {what} file not found; check the path") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise SpecError(f"{path}: cannot read the {what} file ({exc})") from None
     try:
-        if suffix == ".json":
-            data = json.loads(text, object_pairs_hook=_json_unique)
-        else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: the {what} file is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        data = _parse(text, suffix)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except ValueError as exc:  # duplicate JSON key
-        raise SpecError(f"{path}: invalid JSON: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+    except RecursionError:
+        raise SpecError(
+            f"{path}: invalid {what}: nested too deeply to read; no spec setting needs that"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = exc.problem or exc.context or str(exc).splitlines()[0]
         raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise SpecError(
+            f"{path}: invalid YAML at character {exc.position}: {char} is not allowed in YAML text"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(
+            f"{path}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    except ValueError as exc:  # a duplicate JSON key, or a number too long to convert
+        kind = "JSON" if suffix == ".json" else "YAML"
+        message = str(exc).split("; use sys.set_int_max_str_digits", 1)[0]
+        raise SpecError(f"{path}: invalid {kind}: {message}") from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise SpecError(f"{path}: the top level of a {what} must be a mapping of keys to values, got {got}")
+    problems = structure_problems(data)
+    if problems:
+        raise SpecError([f"{path}: {line}" for line in problems])
     return data
 
 
@@ -593,38 +838,62 @@ def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
 # --------------------------------------------------------------------------------------------------
 
 
+def _expand(name: str) -> Path:
+    """``Path(name).expanduser()``, or the path as written when the home directory is unknown (``~nobody``)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return Path(name)
+
+
+def _probe(path: Path, test: str) -> bool:
+    """``path.is_dir()`` / ``is_file()`` / ``exists()``, False where the OS cannot even look.
+
+    pathlib raises for a name too long, a permission denied on the way, a NUL byte or a lone
+    surrogate; for a spec check those all mean "not usable", which the caller reports.
+    """
+    try:
+        return getattr(path, test)()
+    except (OSError, ValueError):
+        return False
+
+
 def looks_local(name: str) -> bool:
     """Whether a model name means a local directory rather than a hub repo id.
 
     ``./x``, ``/x``, ``~/x``, an existing directory, or more than one ``/`` (hub ids are ``owner/name``).
     """
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().is_dir()
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or _probe(_expand(name), "is_dir")
 
 
 def find_deepspeed_config(name: str) -> Path | None:
     """Where a ``deepspeed.config`` path points: as given, else inside the repo's ``ds_configs/``."""
-    given = Path(name).expanduser()
-    if given.is_file():
+    if not name:
+        return None
+    given = _expand(name)
+    if _probe(given, "is_file"):
         return given
     if not given.is_absolute():
         for candidate in (DS_CONFIG_DIR / given, DS_CONFIG_DIR / given.name):
-            if candidate.is_file():
+            if _probe(candidate, "is_file"):
                 return candidate
     return None
 
 
 def _model_dir_problems(field: str, name: str) -> list[str]:
+    if not name.strip():
+        return [f"{field}: is empty; give a local Hugging Face model directory or a hub name"]
     if not looks_local(name):
         return []
-    directory = Path(name).expanduser()
-    if not directory.is_dir():
+    directory = _expand(name)
+    if not _probe(directory, "is_dir"):
         return [
             (
                 f"{field}: directory {name} does not exist; give a local Hugging Face model directory or a "
                 "hub name such as 'bert-base-uncased'"
             )
         ]
-    if not (directory / "config.json").is_file():
+    if not _probe(directory / "config.json", "is_file"):
         return [
             (
                 f"{field}: {name} has no config.json; point it at a Hugging Face model directory "
@@ -637,13 +906,19 @@ def _model_dir_problems(field: str, name: str) -> list[str]:
 def _source_problems(index: int, source: SourceSpec) -> list[str]:
     if source.path is None:
         return []
-    pattern = str(Path(source.path).expanduser())
     field = f"data.sources.{index}.path"
+    if not source.path.strip():
+        return [f"{field}: is empty; give an existing file, directory or glob"]
+    pattern = str(_expand(source.path))
     if glob.has_magic(pattern):
-        if not any(Path(p).is_file() for p in glob.iglob(pattern, recursive=True)):
+        try:
+            found = any(_probe(Path(p), "is_file") for p in glob.iglob(pattern, recursive=True))
+        except (OSError, ValueError):  # a NUL byte or a lone surrogate in the pattern
+            found = False
+        if not found:
             return [f"{field}: glob {source.path} matches no files; fix the pattern or the directory"]
         return []
-    if not Path(pattern).exists():
+    if not _probe(Path(pattern), "exists"):
         return [f"{field}: {source.path} does not exist; give an existing file, directory or glob"]
     return []
 
@@ -684,6 +959,10 @@ def _section_path_problems(data: dict) -> list[str]:
 
 def _deepspeed_path_problems(ds: DeepSpeedSpec) -> list[str]:
     if isinstance(ds.config, str) and find_deepspeed_config(ds.config) is None:
+        if not ds.config.strip():
+            return [
+                "deepspeed.config: is empty; give a DeepSpeed JSON file (e.g. zero2.json) or leave it unset"
+            ]
         return [
             (
                 f"deepspeed.config: file {ds.config} not found (looked at {ds.config} and in "
@@ -694,7 +973,7 @@ def _deepspeed_path_problems(ds: DeepSpeedSpec) -> list[str]:
 
 
 def _resume_problems(ckpt: CheckpointSpec) -> list[str]:
-    if ckpt.resume in ("auto", "never") or Path(ckpt.resume).expanduser().is_dir():
+    if ckpt.resume in ("auto", "never") or (ckpt.resume.strip() and _probe(_expand(ckpt.resume), "is_dir")):
         return []
     return [
         (

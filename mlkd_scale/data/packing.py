@@ -9,11 +9,34 @@ document is attributed to exactly one sequence, which lets tests prove none is l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 
 import torch
 
 SAMPLE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "doc_ids")
+
+#: Texts longer than this (characters) are encoded in pieces of about this size.
+LONG_TEXT = 1 << 15
+_CUT = re.compile(r"(?<=\S) ")  # a space right after a non-space: a word boundary for every pre-tokenizer
+_PROBE = "Packing cuts long texts, e.g. at 1,000 places:  here; there\tand  everywhere. \u00dcml\u00e4ut \u6f22\u5b57 ok"
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` cut before a space that follows a non-space, into pieces of at least ``size`` chars.
+
+    Each cut keeps the space with the word after it, so WordPiece (whitespace is dropped),
+    byte-level BPE (the space is part of the next token) and Metaspace see the same words as in
+    the whole text. Runs of spaces are never split. A text without such a space stays whole.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
 
 
 def make_encoder(tokenizer) -> Callable[[str], list[int]]:
@@ -23,6 +46,14 @@ def make_encoder(tokenizer) -> Callable[[str], list[int]]:
     off (a ``tokenizer.json`` may ship with both on, e.g. ``max_length=128``), so a long document is
     tokenized whole and cut by the packer. Slow tokenizers go through ``tokenize``, which does not
     warn about the model's maximum length.
+
+    A very long text (over :data:`LONG_TEXT` characters, e.g. a 5 MB single-line document) is
+    encoded piece by piece (see :func:`_pieces`): the Rust backend slows down superlinearly on one
+    huge input (measured: 5 MB took 10-17 s whole, 5 s in 16K-char pieces) and holds offsets for
+    every token. The pieces give exactly the whole text's ids; that is checked once per tokenizer
+    on a probe sentence, and a tokenizer whose output would differ (a normalizer that strips
+    edges, say) always encodes whole. Pieces are encoded one after the other, not with
+    ``encode_batch``, whose thread pool makes ``tokenizers`` warn in every later fork.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -31,7 +62,21 @@ def make_encoder(tokenizer) -> Callable[[str], list[int]]:
         own = Tokenizer.from_str(backend.to_str())
         own.no_truncation()
         own.no_padding()
-        return lambda text: own.encode(text, add_special_tokens=False).ids
+
+        def whole(text: str) -> list[int]:
+            return own.encode(text, add_special_tokens=False).ids
+
+        pieced_ok = whole(_PROBE) == [i for piece in _pieces(_PROBE, 1) for i in whole(piece)]
+
+        def encode(text: str) -> list[int]:
+            if len(text) <= LONG_TEXT or not pieced_ok:
+                return whole(text)
+            ids: list[int] = []
+            for piece in _pieces(text, LONG_TEXT):
+                ids.extend(whole(piece))
+            return ids
+
+        return encode
     return lambda text: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
 
 

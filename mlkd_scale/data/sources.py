@@ -17,6 +17,44 @@ and ``load_dataset`` sends a download-count request to the Hub on every call, wh
 per-epoch, per-resume reader must not do. ``datasets`` still records the exact position (file,
 row) in its ``state_dict``; resuming re-reads the current file up to that row, so very large
 corpora should come as many files rather than one.
+
+Bad input
+---------
+A multi-day run should not die on one corrupt line of a scraped corpus, nor train on garbage
+without saying so. So a bad *record* is skipped and counted, while a bad *file* (or the wrong
+kind of file) is a :class:`DataError` naming the file and line. The rule that separates them:
+the first record of a file decides what the file is; a malformed first record means the file is
+not what its suffix or ``format`` says. Skipped records still take their row index (ids stay
+stable) and flow through ``datasets`` with a ``malformed`` reason, so :class:`PackedStream`
+counts them in ``stats()`` (``documents_skipped``; malformed ones also in
+``documents_malformed``), logs the first few with file and line, and carries the counts through
+``state_dict``. Resume stays exact, since the skipped rows are part of the stream's position.
+
+=================================================  ====================================================
+input                                              decision
+=================================================  ====================================================
+blank line in .jsonl                               not a record (JSON Lines' trailing newline); ignored
+blank line in .txt, ``""`` / whitespace text       empty document: skipped, ``documents_skipped``
+``"text": null``, a null in a parquet text column  empty document: skipped, ``documents_skipped``
+invalid JSON line (truncated, binary, raw NUL)     malformed: skipped, ``documents_malformed``
+line that is JSON but not an object (``42``)       malformed: skipped, ``documents_malformed``
+record without the text field                      malformed: skipped, ``documents_malformed``
+text that is a number, list, object or bytes       malformed: skipped (never cast to ``"42"``)
+invalid UTF-8 bytes in a .txt / .jsonl line        malformed: skipped (never decoded with U+FFFD)
+lone surrogate in JSON text (``"\\ud800"``)         malformed: skipped (UTF-8 cannot carry it)
+NUL bytes inside .txt text                         kept: the tokenizer drops control characters; a line
+                                                   of nothing else has no tokens and is skipped
+over-long document (e.g. a 5 MB line)              kept whole: tokenized without truncation or warning
+                                                   and split across as many sequences as it fills
+any of the above as a file's *first* record,       DataError ``<file>: line N ...``: the file is not
+or a whole .json array that does not parse         JSON Lines / UTF-8 text (binary? compressed
+                                                   without a .gz suffix?)
+first record of a source lacks the text field      DataError naming the source and its columns
+parquet text column of a non-string type           DataError naming the file and the column type
+unreadable, corrupt or truncated file              DataError naming the file (not a raw
+(parquet, .gz/.bz2/.xz, permissions)               pyarrow/gzip/OSError traceback)
+every record of a rank is empty or malformed       DataError with the counts (from PackedStream)
+=================================================  ====================================================
 """
 
 from __future__ import annotations
@@ -27,15 +65,28 @@ import gzip
 import json
 import lzma
 import os
+import re
+import zlib
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from mlkd_scale.spec import DataSpec, SourceSpec
 
-FEATURES = Features({"id": Value("string"), "text": Value("string"), "orig_id": Value("string")})
+#: Columns of every source. ``malformed`` is None for a good record, else why it is skipped
+#: ("<file>: line 7 is not valid JSON ..."); its ``text`` is then "".
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "text": Value("string"),
+        "orig_id": Value("string"),
+        "malformed": Value("string"),
+    }
+)
 
 # File suffix -> reader format. Compression suffixes (text and json only) are looked through.
 SUFFIX_FORMATS = {
@@ -66,8 +117,7 @@ def _file_format(path: str, fmt: str) -> str | None:
         return fmt
     name = path.lower()
     for comp in COMPRESSION_SUFFIXES:
-        if name.endswith(comp):
-            name = name[: -len(comp)]
+        name = name.removesuffix(comp)
     return SUFFIX_FORMATS.get(os.path.splitext(name)[1])
 
 
@@ -107,49 +157,177 @@ def resolve_files(spec: SourceSpec) -> list[tuple[str, str]]:
 
 
 def _open_text(file: str):
-    """Open a text file for reading, decompressing by suffix."""
+    """Open a text file for reading, decompressing by suffix.
+
+    Undecodable bytes become lone surrogates (``surrogateescape``) so that one bad line can be
+    reported and skipped instead of a UnicodeDecodeError ending the whole file; a byte-order mark
+    is dropped.
+    """
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(
         os.path.splitext(file)[1].lower(), open
     )
-    return opener(file, "rt", encoding="utf-8")
+    return opener(file, "rt", encoding="utf-8-sig", errors="surrogateescape")
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape maps them
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates (also from JSON "\\ud800" escapes)
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException)
+
+
+class Row(NamedTuple):
+    """One record of a file: where it is ("line 7"), its value, and why it is malformed (or None)."""
+
+    where: str
+    value: Any
+    problem: str | None
+
+
+def _kind(value: Any) -> str:
+    names = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+        bytes: "bytes",
+    }
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _json_row(where: str, line: str) -> Row:
+    if _UNDECODABLE.search(line):
+        return Row(where, None, f"{where} is not valid UTF-8")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Row(where, None, f"{where} is not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return Row(where, None, f"{where} is JSON nested too deeply to read")
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        return Row(where, None, f"{where} is not valid JSON ({str(e).split(';')[0]})")
+    if not isinstance(value, dict):
+        return Row(where, None, f"{where} is {_kind(value)}, not a JSON object")
+    return Row(where, value, None)
+
+
+def _json_array(file: str, text: str, first_line: int) -> list:
+    """A whole-file JSON array; it cannot be resynchronised after an error, so any error is a DataError."""
+    fix = "json sources must be JSON Lines (one object per line) or one JSON array of objects"
+    if _UNDECODABLE.search(text):
+        raise DataError(f"{file}: the JSON array is not valid UTF-8 text; {fix}")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = first_line + e.lineno - 1
+        raise DataError(
+            f"{file}: line {line} is not valid JSON ({e.msg} at column {e.colno}); {fix}"
+        ) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(
+            f"{file}: the JSON array cannot be read ({str(e).split(';')[0] or 'nested too deeply'}); {fix}"
+        ) from None
+    return items
+
+
+def _rows(file: str, fmt: str) -> Iterator[Row]:
+    """Every record of a file, malformed ones included, in file order; a broken file raises DataError."""
+    if fmt == "parquet":
+        number = 0
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
+            for value in batch.to_pylist():
+                number += 1
+                yield Row(f"row {number}", value, None)
+        return
+    with _open_text(file) as f:
+        if fmt == "text":
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                bad = f"line {number} is not valid UTF-8" if _UNDECODABLE.search(line) else None
+                yield Row(f"line {number}", None if bad else {"text": line}, bad)
+            return
+        first = True
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if first and line.lstrip().startswith("["):  # a JSON array: the whole file is one list of records
+                items = _json_array(file, line + f.read(), number)
+                for index, item in enumerate(items):
+                    where = f"item {index + 1} of the JSON array"
+                    ok = isinstance(item, dict)
+                    yield Row(
+                        where,
+                        item if ok else None,
+                        None if ok else f"{where} is {_kind(item)}, not an object",
+                    )
+                return
+            first = False
+            yield _json_row(f"line {number}", line)
+
+
+def _checked_rows(file: str, fmt: str) -> Iterator[Row]:
+    """:func:`_rows` with the file-level rules: read errors and a malformed first record are DataErrors."""
+    first = True
+    try:
+        for row in _rows(file, fmt):
+            if row.problem is not None and first:
+                hint = {
+                    "json": "json sources must be JSON Lines (one object per line) or one JSON array of objects",
+                    "text": "text sources must be UTF-8 text (is the file binary, or compressed without a "
+                    ".gz/.bz2/.xz suffix?)",
+                }.get(fmt, "")
+                raise DataError(f"{file}: {row.problem}" + (f"; {hint}" if hint else ""))
+            first = False
+            yield row
+    except _READ_ERRORS as e:
+        what = "parquet file" if fmt == "parquet" else "file"
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise DataError(
+            f"{file}: cannot read this {what} ({reason.splitlines()[0]}); is it corrupt or truncated?"
+        ) from None
 
 
 def read_file(file: str, fmt: str) -> Iterator[dict]:
     """The records of one local file, in file order (the order that row indices count).
 
     text: one record ``{"text": line}`` per line; json: JSON Lines, or one JSON array of objects;
-    parquet: one record per row.
+    parquet: one record per row. Strict: a malformed record is a :class:`DataError` naming the file
+    and line (the stream itself skips and counts those, see the module docstring).
     """
-    if fmt == "parquet":
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-        return
-    with _open_text(file) as f:
-        if fmt == "text":
-            for line in f:
-                yield {"text": line.rstrip("\n")}
-            return
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                if line.lstrip().startswith("["):  # a JSON array: the whole file is one list of records
-                    yield from json.loads(line + f.read())
-                    return
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{file}: line {number} is not valid JSON ({e}); json sources must be JSON Lines "
-                    "(one object per line) or one JSON array of objects"
-                ) from None
+    for row in _checked_rows(file, fmt):
+        if row.problem is not None:
+            raise DataError(f"{file}: {row.problem}")
+        yield row.value
 
 
 def _columns(file: str, fmt: str) -> list[str]:
     """Column names of a local file, from its schema or its first record."""
     if fmt == "parquet":
-        return list(pq.ParquetFile(file).schema_arrow.names)
-    first = next(read_file(file, fmt), None)
-    return list(first) if isinstance(first, dict) else []
+        try:
+            return list(pq.ParquetFile(file).schema_arrow.names)
+        except _READ_ERRORS as e:
+            raise DataError(
+                f"{file}: cannot read this parquet file ({str(e).splitlines()[0]}); is it corrupt?"
+            ) from None
+    first = next(_checked_rows(file, fmt), None)
+    return list(first.value) if first is not None else []
+
+
+def _check_parquet_text(file: str, field: str) -> None:
+    """A parquet text column must hold strings (or only nulls); anything else is a DataError."""
+    try:
+        schema = pq.ParquetFile(file).schema_arrow
+    except _READ_ERRORS as e:
+        raise DataError(
+            f"{file}: cannot read this parquet file ({str(e).splitlines()[0]}); is it corrupt?"
+        ) from None
+    if field in schema.names:
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise DataError(
+                f"{file}: the text column {field!r} holds {kind}, not strings; set text_field to a text column"
+            )
 
 
 def _missing_field(label: str, field: str, columns) -> DataError:
@@ -159,27 +337,59 @@ def _missing_field(label: str, field: str, columns) -> DataError:
     )
 
 
+def _utf8(text: str) -> str:
+    """``text`` made storable in Arrow: lone surrogates (a non-UTF-8 file name, a JSON ``"\\ud800"``
+    id) become ``\\udcxx`` escapes instead of failing deep inside ``datasets``."""
+    return text if not _SURROGATE.search(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _text_problem(where: str, field: str, text: Any) -> str | None:
+    """Why a record's text value cannot be trained on (None: it can; None/"" count as empty)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return f"{where}: {field!r} is {_kind(text)}, not a string"
+    if _SURROGATE.search(text):
+        return f"{where}: {field!r} holds a lone surrogate (invalid Unicode)"
+    return None
+
+
 def _local_records(files: list, text_field: str, source_index: int, label: str) -> Iterator[dict]:
     """Generator behind a local source; ``files`` is this shard's list of ``(file index, file, format)``."""
     for file_index, file, fmt in files:
-        for row, example in enumerate(read_file(file, fmt)):
-            if not isinstance(example, dict) or text_field not in example:
-                raise _missing_field(
-                    f"{label} ({file}, row {row})", text_field, getattr(example, "keys", list)()
-                )
-            own = example.get("id")
-            yield {
+        if fmt == "parquet":
+            _check_parquet_text(file, text_field)
+        for row, (where, example, problem) in enumerate(_checked_rows(file, fmt)):
+            record = {
                 "id": f"{source_index}:{file_index}:{row}",
-                "text": example[text_field] or "",
-                "orig_id": None if own is None else str(own),
+                "text": "",
+                "orig_id": None,
+                "malformed": None,
             }
+            if problem is None and text_field not in example:
+                problem = f"{where} has no {text_field!r} field (it has {sorted(example)[:10]})"
+            if problem is None:
+                own = example.get("id")
+                record["orig_id"] = None if own is None else _utf8(str(own))
+                problem = _text_problem(where, text_field, example[text_field])
+                if problem is None:
+                    record["text"] = example[text_field] or ""
+            if problem is not None:
+                record["malformed"] = _utf8(f"{file}: {problem}")
+            yield record
 
 
 def open_local_source(spec: SourceSpec, source_index: int) -> IterableDataset:
     """A local source as a streamed dataset with one shard per file (see the module docstring)."""
     label = source_label(spec)
     pairs = resolve_files(spec)
-    columns = _columns(*pairs[0])
+    columns: list[str] = []
+    for file, fmt in pairs:  # the first file with a record (empty files have no columns)
+        columns = _columns(file, fmt)
+        if columns:
+            if fmt == "parquet":
+                _check_parquet_text(file, spec.text_field)
+            break
     if spec.text_field not in columns:
         raise _missing_field(label, spec.text_field, columns)
     files = [(i, file, fmt) for i, (file, fmt) in enumerate(pairs)]
@@ -215,7 +425,13 @@ def open_hub_source(spec: SourceSpec, source_index: int, rank: int = 0) -> Itera
             raise _missing_field(label, field, example.keys())
         own = example.get("id")
         doc_id = f"{source_index}:{own}" if own is not None else f"{source_index}:r{rank}:{index}"
-        return {"id": doc_id, "text": example[field] or "", "orig_id": None if own is None else str(own)}
+        problem = _text_problem(f"{label} record {doc_id}", field, example[field])
+        return {
+            "id": doc_id,
+            "text": "" if problem else example[field] or "",
+            "orig_id": None if own is None else str(own),
+            "malformed": problem,
+        }
 
     ds = ds.map(to_record, with_indices=True, remove_columns=columns, features=FEATURES)
     if columns is None:

@@ -3,7 +3,7 @@
 The pipeline per rank is::
 
     sources (datasets streaming) -> interleave by weight -> split_dataset_by_node
-      -> skip empty records -> ShuffleBuffer (documents) -> Packer (tokens) -> samples / batches
+      -> skip empty and malformed records -> ShuffleBuffer (documents) -> Packer (tokens) -> samples / batches
 
 Its position is split between ``datasets`` (the position of the last record this stream pulled,
 via ``IterableDataset.state_dict()``) and this object (documents in the shuffle buffer, the RNG,
@@ -18,6 +18,7 @@ the stdlib-docstring corpus (~550 characters per document) and 4.0 MB on ~600-wo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from mlkd_scale.data.packing import Packer, collate
@@ -26,7 +27,14 @@ from mlkd_scale.data.sources import DataError, open_corpus
 from mlkd_scale.spec import DataSpec
 
 STATE_VERSION = 1
-COUNTERS = ("documents_read", "documents_skipped", "documents_packed", "sequences")
+#: ``documents_skipped`` counts every record not trained on (empty, no tokens, malformed);
+#: ``documents_malformed`` the malformed ones among them (bad JSON or UTF-8, a text that is not a
+#: string, a missing text field; see :mod:`mlkd_scale.data.sources`).
+COUNTERS = ("documents_read", "documents_skipped", "documents_malformed", "documents_packed", "sequences")
+#: Malformed records logged (with file and line) per stream; the rest are only counted.
+MALFORMED_LOGGED = 10
+
+logger = logging.getLogger(__name__)
 
 
 class PackedStream:
@@ -47,6 +55,7 @@ class PackedStream:
         self._epoch_docs = 0  # non-empty documents pulled this epoch (an epoch without any is an error)
         self._it: Iterator[dict] | None = None
         self._loaded_ds_state: dict | None = None  # ds state loaded but not yet iterated from
+        self._malformed_logged = 0  # not part of the state: a resumed run logs its first few again
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -59,21 +68,41 @@ class PackedStream:
                 record = next(self._it)
             except StopIteration:
                 if self._epoch_docs == 0:
+                    c = self.counters
                     raise DataError(
                         f"the data sources yield no non-empty documents on rank {self.rank} of "
-                        f"{self.world_size}; check the paths and text_field, or use fewer ranks"
+                        f"{self.world_size} ({c['documents_read']} records read: "
+                        f"{c['documents_malformed']} malformed, "
+                        f"{c['documents_skipped'] - c['documents_malformed']} empty); "
+                        "check the paths and text_field, or use fewer ranks"
                     ) from None
                 self.epoch += 1
                 self.ds.set_epoch(self.epoch)
                 self._it, self._loaded_ds_state, self._epoch_docs = None, None, 0
                 continue
             self.counters["documents_read"] += 1
+            problem = record.get("malformed")
+            if problem:
+                self.counters["documents_malformed"] += 1
+                self.counters["documents_skipped"] += 1
+                self._log_malformed(problem)
+                continue
             text = record["text"]
             if not text or text.isspace():
                 self.counters["documents_skipped"] += 1
                 continue
             self._epoch_docs += 1
             return record["id"], text
+
+    def _log_malformed(self, problem: str) -> None:
+        self._malformed_logged += 1
+        if self._malformed_logged <= MALFORMED_LOGGED:
+            more = (
+                " (further ones are only counted in stats()['documents_malformed'])"
+                if self._malformed_logged == MALFORMED_LOGGED
+                else ""
+            )
+            logger.warning("rank %d skips a malformed record: %s%s", self.rank, problem, more)
 
     def next_sample(self) -> dict:
         """The next packed sequence."""
@@ -161,4 +190,5 @@ class PackedStream:
         self._it, self._loaded_ds_state = None, state["datasets"]
         self.shuffle.load_state_dict(state["shuffle"])
         self.packer.load_state_dict(state["packer"])
-        self.counters = {k: int(state["counters"][k]) for k in COUNTERS}
+        # .get: states written before documents_malformed existed read as 0 malformed
+        self.counters = {k: int(state["counters"].get(k, 0)) for k in COUNTERS}
