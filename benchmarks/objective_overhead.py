@@ -15,41 +15,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from transformers import BertConfig, BertModel
+from common import bare_step, build_models, make_batch, timed
 
-from mlkd_scale.losses import DistillationObjective
-from mlkd_scale.models import FeatureTap, build_student, build_student_config
-from mlkd_scale.models.teacher import DTYPES, freeze
-from mlkd_scale.spec import LossesSpec, StudentSpec
+from mlkd_scale.models import FeatureTap
+from mlkd_scale.models.teacher import DTYPES
 
 
 def build(args):
-    device = torch.device(args.device)
-    teacher_config = BertConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    teacher, student, objective = build_models(
+        "bert-base", args.device, args.teacher_dtype, args.student_heads
     )
-    teacher = freeze(BertModel(teacher_config)).to(device, DTYPES[args.teacher_dtype])
-    student_spec = StudentSpec(num_layers=4, hidden_size=312, num_heads=args.student_heads, intermediate_size=1200)
-    objective = DistillationObjective(LossesSpec(), teacher.config, build_student_config(teacher.config, student_spec))
-    student = build_student(teacher, student_spec, objective.layer_map).to(device).train()
-    objective.to(device)
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(1000, 30000, (args.batch, args.seq), generator=g).to(device),
-        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
-    }
-    batch["attention_mask"][0, args.seq // 2 :] = 0  # some padding, as in real batches
+    # some padding, as in real batches
+    batch = make_batch(args.batch, args.seq, args.device, teacher.config.vocab_size, pad=True)
     return teacher, student, objective, batch
-
-
-def bare_step(teacher, student, batch):
-    with torch.no_grad():
-        teacher(**batch)
-    loss = student(**batch).last_hidden_state.float().square().mean()
-    loss.backward()
 
 
 def make_objective_step(teacher, student, objective):
@@ -64,14 +44,6 @@ def make_objective_step(teacher, student, objective):
         total.backward()
 
     return step
-
-
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -1,0 +1,313 @@
+"""Smoke and correctness tests of the benchmark scripts (benchmarks/); never about wall-clock time.
+
+* the FLOP formula behind MFU, against PyTorch's own FLOP counter and against hand arithmetic;
+* the peers' TinyBERT losses (the hand-written Hugging Face loop and TextBrewer's) against our
+  objective's tinybert terms on the same forward: the comparison is only fair if they agree;
+* each script end to end on tiny models (in a subprocess: DeepSpeed sets up a process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertModel
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common
+import peers
+
+from mlkd_scale.models import FeatureTap
+from mlkd_scale.spec import LossesSpec
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------
+
+
+def test_flops_by_hand_for_a_tiny_config():
+    config = BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
+    # per token and layer: QKVO 4·8·8 MACs, FFN 2·8·16 MACs, scores + context 2·4·8 MACs; ×2 FLOPs/MAC
+    per_token_layer = 2 * (4 * 8 * 8 + 2 * 8 * 16 + 2 * 4 * 8)
+    assert per_token_layer == 1152
+    assert common.encoder_forward_flops(config, 4) == 4 * 2 * 1152 + 2 * 8 * 8  # + pooler on [CLS]
+    assert common.encoder_forward_flops(config, 4, pooler=False) == 4 * 2 * 1152
+
+
+def test_flops_match_pytorch_flop_counter():
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=32,
+    )
+    model = BertModel(config).eval()
+    model.set_attn_implementation("eager")  # SDPA's attention matmuls are invisible to the counter
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (3, 16)))
+    assert counter.get_total_flops() == 3 * common.encoder_forward_flops(config, 16)
+
+
+def test_bert_base_step_flops():
+    teacher = common.teacher_config("bert-base")
+    student = BertConfig(
+        **{**teacher.to_dict(), "num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200}
+    )
+    t, s = common.encoder_forward_flops(teacher, 128), common.encoder_forward_flops(student, 128)
+    assert t == 128 * 12 * (8 * 768**2 + 4 * 768 * 3072 + 4 * 128 * 768) + 2 * 768**2
+    assert round(t / 1e9, 2) == 22.35 and round(s / 1e9, 2) == 1.25  # the figures in throughput.py
+    assert common.distillation_step_flops(teacher, student, 8, 128) == 8 * (t + 3 * s)
+
+
+# ---- the peers' losses agree with ours -----------------------------------------------------------
+
+
+def _tiny_pair(teacher_dtype: torch.dtype):
+    torch.manual_seed(0)
+    teacher, student, objective = common.build_models(
+        "tiny", "cpu", "fp32", 12, LossesSpec(preset="tinybert")
+    )
+    teacher.to(teacher_dtype)
+    student.eval()  # no dropout: the separate forwards below must see the same attention maps
+    batch = common.make_batch(3, 20, "cpu", teacher.config.vocab_size, pad=True)
+    batch["attention_mask"][1, 13:] = 0
+    return teacher, student, objective, batch
+
+
+def _ours(teacher, student, objective, batch) -> dict[str, torch.Tensor]:
+    with FeatureTap(teacher, objective.teacher_request()) as t_tap, torch.no_grad():
+        t_feats = t_tap(**batch)
+    with FeatureTap(student, objective.student_request()) as s_tap:
+        s_feats = s_tap(**batch)
+    total, terms = objective(t_feats, s_feats, batch["attention_mask"])
+    return {**terms, "total": total}
+
+
+def _hf_outputs(teacher, student, batch):
+    with torch.no_grad():
+        t = teacher(**batch, output_hidden_states=True, output_attentions=True)
+    s = student(**batch, output_hidden_states=True, output_attentions=True)
+    return t, s
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_hf_loop_losses_equal_our_tinybert_terms(teacher_dtype):
+    teacher, student, objective, batch = _tiny_pair(teacher_dtype)
+    ours = _ours(teacher, student, objective, batch)
+    t, s = _hf_outputs(teacher, student, batch)
+    ref = peers.tinybert_reference_losses(
+        t.hidden_states,
+        t.attentions,
+        s.hidden_states,
+        s.attentions,
+        objective.projections,
+        batch["attention_mask"],
+        objective.layer_map,
+    )
+    assert set(ref) == set(ours) - {"total"} == {"emb", "hidden", "attn"}
+    for name, value in ref.items():
+        torch.testing.assert_close(value, ours[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(v > 0 for v in ref.values())
+
+
+def test_padding_changes_the_losses():
+    """The masked positions matter: without the mask both implementations would give other numbers."""
+    teacher, student, objective, batch = _tiny_pair(torch.float32)
+    t, s = _hf_outputs(teacher, student, batch)
+    args = (t.hidden_states, t.attentions, s.hidden_states, s.attentions, objective.projections)
+    masked = peers.tinybert_reference_losses(*args, batch["attention_mask"], objective.layer_map)
+    full = peers.tinybert_reference_losses(
+        *args, torch.ones_like(batch["attention_mask"]), objective.layer_map
+    )
+    assert all(not torch.isclose(masked[k], full[k]) for k in masked)
+
+
+def test_textbrewer_losses_equal_our_tinybert_terms(tmp_path):
+    pytest.importorskip("textbrewer")
+    teacher, student, objective, batch = _tiny_pair(torch.float32)
+    ours = _ours(teacher, student, objective, batch)
+    distiller = peers.build_textbrewer(
+        teacher, student, objective.layer_map, "cpu", str(tmp_path), upcast=False
+    )
+    assert len(distiller.projs) == 2 * len(objective.layer_map) + 1
+    with torch.no_grad():  # the same projections as ours: index 0 embeddings, index n student layer n
+        for index, projection in enumerate(objective.projections):
+            distiller.projs[index].load_state_dict(projection.state_dict())
+    total, losses = distiller.train_on_batch(batch, {"output_hidden_states": True, "output_attentions": True})
+    grouped = {"emb": 0.0, "hidden": 0.0, "attn": 0.0}
+    for (
+        name,
+        value,
+    ) in losses.items():  # e.g. unweighted_hidden_hidden_mse_0_0, ..._attention_attention_mse_1_5
+        key = (
+            "attn"
+            if name.startswith("unweighted_attention")
+            else "emb"
+            if name.endswith("_0_0")
+            else "hidden"
+        )
+        grouped[key] = grouped[key] + value
+    for name, value in grouped.items():
+        torch.testing.assert_close(value, ours[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(total, ours["total"], rtol=1e-5, atol=1e-7)
+
+
+def test_textbrewer_matches_follow_the_uniform_mapping():
+    matches = peers.textbrewer_matches([2, 4], 24, 48)
+    hidden = [(m["layer_S"], m["layer_T"]) for m in matches if m["feature"] == "hidden"]
+    attention = [(m["layer_S"], m["layer_T"]) for m in matches if m["feature"] == "attention"]
+    assert hidden == [(0, 0), (1, 2), (2, 4)]  # hidden_states[0] is the embedding output
+    assert attention == [(0, 1), (1, 3)]  # attentions[n-1] is layer n
+    assert all(m["proj"] == ["linear", 24, 48] for m in matches if m["feature"] == "hidden")
+
+
+# ---- the scripts end to end, tiny ----------------------------------------------------------------
+
+
+def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_throughput_script_on_tiny_models(tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = _run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "throughput.py"),
+            "--shapes",
+            "tiny",
+            "--seq",
+            "16",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 1 and len(result["ranks"]) == 1
+    rank = result["ranks"][0]
+    assert len(rank["step_times"]) == 2 and rank["tokens_per_s"] > 0 and rank["peak_mem_gib"] > 0
+    assert rank["tokens_per_s"] == pytest.approx(4 * 16 / rank["step_s"])
+    assert rank["measured_peak_tflops"] > 0
+    config = common.teacher_config("tiny")
+    student = BertConfig(
+        **{**config.to_dict(), "num_hidden_layers": 2, "hidden_size": 24, "intermediate_size": 48}
+    )
+    assert result["step_flops"] == common.distillation_step_flops(config, student, 4, 16)
+    assert "tokens/s" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_peers_script_on_tiny_models(tmp_path):
+    out = tmp_path / "peers.json"
+    proc = _run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "peers.py"),
+            "--shapes",
+            "tiny",
+            "--seq",
+            "16",
+            "--batch",
+            "4",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
+    result = json.loads(out.read_text())
+    expected = set(peers.CANDIDATES)
+    try:
+        import textbrewer  # noqa: F401
+    except ImportError:
+        expected.discard("textbrewer")
+        assert any("textbrewer" in note for note in result["notes"])
+    assert set(result["candidates"]) == expected
+    for name, c in result["candidates"].items():
+        assert len(c["step_times"]) == 2 and c["tokens_per_s"] > 0, name
+    assert result["candidates"]["bare"]["vs_bare"] == 1.0
+    assert result["candidates"]["ours-tinybert"]["ours_tinybert_speedup"] == 1.0
+    assert "time / bare" in proc.stdout
+
+
+def test_peers_rejects_unknown_candidates():
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--candidates", "bare,nonesuch"])
+
+
+def test_objective_overhead_uses_the_shared_pieces():
+    import objective_overhead
+
+    assert objective_overhead.bare_step is common.bare_step
+    assert objective_overhead.timed is common.timed
+
+
+@pytest.mark.launcher
+def test_throughput_under_the_deepspeed_launcher(tmp_path):
+    out = tmp_path / "throughput.json"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    proc = _run(
+        [
+            str(deepspeed),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(BENCHMARKS / "throughput.py"),
+            "--shapes",
+            "tiny",
+            "--seq",
+            "16",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--no-measure-peak",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
+    assert result["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in result["ranks"]))
+    assert "\nall " in proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
