@@ -46,9 +46,9 @@ NUL bytes inside .txt text                         kept: the tokenizer drops con
                                                    of nothing else has no tokens and is skipped
 over-long document (e.g. a 5 MB line)              kept whole: tokenized without truncation or warning
                                                    and split across as many sequences as it fills
-any of the above as a file's *first* record,       DataError ``<file>: line N ...``: the file is not
-or a whole .json array that does not parse         JSON Lines / UTF-8 text (binary? compressed
-                                                   without a .gz suffix?)
+a file's *first* record is not JSON, not an        DataError ``<file>: line N ...``: the file is not
+object or not UTF-8; a .json array that does not   JSON Lines / UTF-8 text (binary? compressed
+parse (it cannot be resynchronised)                without a .gz suffix?)
 first record of a source lacks the text field      DataError naming the source and its columns
 parquet text column of a non-string type           DataError naming the file and the column type
 unreadable, corrupt or truncated file              DataError naming the file (not a raw
