@@ -62,6 +62,10 @@ class Plan:
             ("tokens/step", f"{self.tokens_per_step:,}"),
             ("total steps", f"{self.total_steps:,} ({self.total_steps * self.tokens_per_step:,} tokens)"),
             ("warm-up steps", f"{self.warmup_steps:,}"),
+        ]
+        if not self.total_steps:  # a task run before its data is read
+            rows[-2:] = [("total steps", "per stage, from the task's train size (printed when a stage starts)")]
+        rows += [
             ("precision", self.precision),
             ("ZeRO stage", f"{self.zero_stage}"),
         ]
@@ -279,12 +283,19 @@ def plan_problems(spec: RunSpec, world_size: int) -> tuple[Plan | None, list[str
             f"change one of them{hint} or drop global_batch_size"
         )
 
-    tokens_per_step = global_batch * spec.data.max_seq_length
-    if train.max_steps is not None:
+    seq_len = spec.data.max_seq_length if spec.data is not None else spec.task.max_seq_length
+    tokens_per_step = global_batch * seq_len
+    if spec.task is not None:
+        # A task run's steps come per stage from its train size, known once the data is read:
+        # TaskContext.stage_plan (mlkd_scale.engine.task_stage) fills them in and prints them.
+        total = 0
+    elif train.max_steps is not None:
         total = train.max_steps
     else:
         total = -(-train.token_budget // tokens_per_step)  # exact ceil, even past 2**53
-    if train.warmup_steps is not None:
+    if spec.task is not None:
+        warmup = 0
+    elif train.warmup_steps is not None:
         warmup = train.warmup_steps
         if warmup > total:
             problems.append(f"train.warmup_steps: {warmup} is more than the {total} total steps; lower it")

@@ -382,12 +382,97 @@ class TrainSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSpec:
-        if (self.max_steps is None) == (self.token_budget is None):
-            state = "both are set" if self.max_steps is not None else "neither is set"
+        # "Neither is set" is checked by RunSpec: a task run takes its budget from task.stage1/stage2.
+        if self.max_steps is not None and self.token_budget is not None:
             raise ValueError(
-                f"set exactly one of max_steps (optimizer steps) or token_budget (tokens); {state}"
+                "set exactly one of max_steps (optimizer steps) or token_budget (tokens); both are set"
             )
         return self
+
+
+_EPOCHS = "Passes over the stage's training data; ignored when max_steps is set."
+_LR = "Peak learning rate of AdamW in this stage."
+
+
+class StageBudget(StrictModel):
+    """Budget and learning rate of one stage of a task run (teacher fine-tuning, Stage 1, Stage 2).
+
+    Steps = ceil(epochs x train examples / global batch), or ``max_steps`` when set (it wins, as in
+    Hugging Face's Trainer). The train size is only known once the data is read, so the engine
+    prints the steps at start. Defaults per stage follow the paper's §6 template (TinyBERT).
+    """
+
+    epochs: float = Field(3.0, gt=0, description=_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps of the stage; wins over epochs.")
+    lr: float = Field(3e-5, gt=0, description=_LR)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warm-up as a fraction of the stage's steps.")
+
+
+class FinetuneBudget(StageBudget):
+    """Teacher fine-tuning (launchers/finetune_teacher.py): BERT's usual 3 epochs at 2e-5."""
+
+    lr: float = Field(2e-5, gt=0, description=_LR)
+
+
+class Stage1Budget(StageBudget):
+    """Stage 1 (embedding + Transformer layers): TinyBERT's lr 5e-5; 10 epochs (TinyBERT's large-task
+    setting; it uses 20 on small tasks, 50 on CoLA, on augmented data)."""
+
+    epochs: float = Field(10.0, gt=0, description=_EPOCHS)
+    lr: float = Field(5e-5, gt=0, description=_LR)
+
+
+class Stage2Budget(StageBudget):
+    """Stage 2 (prediction layer): TinyBERT's 3 epochs at lr 3e-5 (it picks from 1e-5..3e-5 on dev)."""
+
+
+class TaskSpec(StrictModel):
+    """Task distillation (and teacher fine-tuning) on a GLUE task instead of a general corpus.
+
+    ``teacher.path`` is a fine-tuned task model for ``launchers/task_kd.py`` and a pre-trained encoder
+    for ``launchers/finetune_teacher.py``. The budgets replace train.max_steps/token_budget/lr/warm-up.
+    """
+
+    name: str = Field(description="GLUE task, any spelling: 'SST-2', 'sst2', 'MNLI', 'sts-b', ...")
+    data_dir: str | None = Field(
+        None,
+        description="The task's folder in the original GLUE layout (glue_data/<TASK> with train.tsv, "
+        "dev.tsv; MNLI dev_matched.tsv/dev_mismatched.tsv); None = the hub copy nyu-mll/glue.",
+    )
+    max_seq_length: int = Field(
+        128, ge=8, description="Tokens per example, [CLS]/[SEP] included (padded/truncated)."
+    )
+    augmented_dir: str | None = Field(
+        None,
+        description="A finished augmentation cache (launchers/augment.py --out) used as Stage-1 training "
+        "data; Stage 2 and teacher fine-tuning always use the original train split.",
+    )
+    stages: list[Literal[1, 2]] = Field(
+        default_factory=lambda: [1, 2], min_length=1, description="Stages to run, in order: [1, 2], [1], [2]."
+    )
+    finetune: FinetuneBudget = Field(
+        default_factory=FinetuneBudget, description="Teacher fine-tuning budget."
+    )
+    stage1: Stage1Budget = Field(default_factory=Stage1Budget, description="Stage-1 budget.")
+    stage2: Stage2Budget = Field(default_factory=Stage2Budget, description="Stage-2 budget.")
+    eval_every_n_steps: int | None = Field(
+        None, ge=1, description="Evaluate on dev (and checkpoint) every N steps of a stage; always at its end."
+    )
+    eval_batch_size: int = Field(64, ge=1, description="Dev examples per rank per forward.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from mlkd_scale.data.glue import get_task
+
+        return get_task(value).name  # GLUE's own spelling; raises a one-line ValueError otherwise
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered_stages(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or value != sorted(value):
+            raise ValueError(f"list each stage once, in order: [1, 2], [1] or [2]; got {value}")
+        return value
 
 
 class DeepSpeedSpec(StrictModel):
@@ -409,7 +494,12 @@ class RunSpec(StrictModel):
     teacher: TeacherSpec = Field(description="The teacher model.")
     student: StudentSpec = Field(default_factory=StudentSpec, description="The student's architecture.")
     losses: LossesSpec = Field(default_factory=LossesSpec, description="The distillation objective.")
-    data: DataSpec = Field(description="The training corpus.")
+    data: DataSpec | None = Field(
+        None, description="The general-distillation corpus (general runs; exclusive with task)."
+    )
+    task: TaskSpec | None = Field(
+        None, description="The task of a task-distillation or teacher fine-tuning run (exclusive with data)."
+    )
     train: TrainSpec = Field(description="Batching, budget, optimizer, schedule, precision, ZeRO stage.")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="Extra DeepSpeed settings.")
     checkpoint: CheckpointSpec = Field(
@@ -421,7 +511,7 @@ class RunSpec(StrictModel):
     def _cross_section(self) -> RunSpec:
         # Rules that span sections. The teacher's layer count and width are only known once its
         # config is loaded, so the range of layer_mapping and mha_splits vs the teacher are checked there.
-        problems = []
+        problems = _run_kind_problems(self)
         width, splits = self.student.hidden_size, self.losses.mha_splits
         if splits is not None and width % splits:
             problems.append(
@@ -442,6 +532,40 @@ class RunSpec(StrictModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+#: train fields a task run takes from its stage budgets instead (task.finetune/stage1/stage2).
+_TASK_OWNED_TRAIN = {
+    "max_steps": "task.<stage>.max_steps or task.<stage>.epochs",
+    "token_budget": "task.<stage>.max_steps or task.<stage>.epochs",
+    "lr": "task.<stage>.lr",
+    "warmup_steps": "task.<stage>.warmup_ratio",
+    "warmup_ratio": "task.<stage>.warmup_ratio",
+}
+
+
+def _run_kind_problems(spec: RunSpec) -> list[str]:
+    """A run is general (a data section) or task (a task section), never both; budgets follow the kind."""
+    if (spec.data is None) == (spec.task is None):
+        state = "both are set" if spec.data is not None else "neither is set"
+        return [
+            (
+                f"data: a run needs exactly one of 'data' (general distillation corpus) or 'task' (task "
+                f"distillation / teacher fine-tuning on a GLUE task); {state}"
+            )
+        ]
+    train = spec.train
+    if spec.task is None:
+        if train.max_steps is None and train.token_budget is None:
+            return [
+                "train: set exactly one of max_steps (optimizer steps) or token_budget (tokens); neither is set"
+            ]
+        return []
+    return [
+        f"train.{name}: a task run takes it from {where} (per stage); remove it from train"
+        for name, where in _TASK_OWNED_TRAIN.items()
+        if name in train.model_fields_set
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -950,10 +1074,30 @@ def _section_path_problems(data: dict) -> list[str]:
             problems += _source_problems(i, SourceSpec.model_validate(raw))
         except ValidationError:
             pass
+    if isinstance(data.get("task"), dict):
+        try:
+            problems += _task_path_problems(TaskSpec.model_validate(data["task"]))
+        except ValidationError:
+            pass
     if "deepspeed" in parsed:
         problems += _deepspeed_path_problems(parsed["deepspeed"])
     if "checkpoint" in parsed:
         problems += _resume_problems(parsed["checkpoint"])
+    return problems
+
+
+def _task_path_problems(task: TaskSpec) -> list[str]:
+    problems = []
+    if task.data_dir is not None and not Path(task.data_dir).expanduser().is_dir():
+        problems.append(
+            f"task.data_dir: directory {task.data_dir} does not exist; give the task's folder in the original "
+            f"GLUE layout (e.g. glue_data/{task.name}) or leave it unset to read the hub copy"
+        )
+    if task.augmented_dir is not None and not Path(task.augmented_dir).expanduser().is_dir():
+        problems.append(
+            f"task.augmented_dir: directory {task.augmented_dir} does not exist; give the --out directory of a "
+            "finished launchers/augment.py run or leave it unset"
+        )
     return problems
 
 
@@ -992,8 +1136,10 @@ def check_paths(spec: RunSpec) -> list[str]:
     problems = _model_dir_problems("teacher.path", spec.teacher.path)
     if spec.student.path:
         problems += _model_dir_problems("student.path", spec.student.path)
-    for i, source in enumerate(spec.data.sources):
+    for i, source in enumerate(spec.data.sources if spec.data is not None else []):
         problems += _source_problems(i, source)
+    if spec.task is not None:
+        problems += _task_path_problems(spec.task)
     problems += _deepspeed_path_problems(spec.deepspeed)
     problems += _resume_problems(spec.checkpoint)
     return problems

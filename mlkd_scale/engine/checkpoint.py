@@ -3,6 +3,7 @@
 Layout under ``ckpt_dir`` (one directory per run)::
 
     latest                      text: the tag of the newest *complete* checkpoint (written by us)
+    best.json                   task runs: the checkpoint best on dev, pinned against pruning
     hf_meta/                    the student's HF config + tokenizer, written once (export needs it)
     step00001000/               one tag per saved optimizer step
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's own shards (+ client_state)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best.json"  # {"tag", "step", ...}: the checkpoint pinned against keep_last pruning (task runs)
 HF_META = "hf_meta"
 RANK_STATE_DIR = "rank_state"
 _TAG_RE = re.compile(r"^step(\d{8})$")
@@ -239,7 +241,8 @@ class CheckpointManager:
         incomplete directories older than ``keep`` (a crash left them; nothing can resume them)."""
         keep_step = int(_TAG_RE.match(keep.name).group(1))
         tags = list_tags(self.ckpt_dir)
-        complete = [p for _, p in tags if p != keep and is_complete(p)]
+        pinned = self.read_best() or {}
+        complete = [p for _, p in tags if p != keep and is_complete(p) and p.name != pinned.get("tag")]
         for path in complete[: max(0, len(complete) - (self.keep_last - 1))]:
             log.info("removing old checkpoint %s (keep_last=%d)", path, self.keep_last)
             shutil.rmtree(path, ignore_errors=True)
@@ -247,6 +250,28 @@ class CheckpointManager:
             if s < keep_step and not is_complete(path):
                 log.info("removing incomplete checkpoint %s (left by a crash)", path)
                 shutil.rmtree(path, ignore_errors=True)
+
+    # -- the pinned best checkpoint
+
+    def mark_best(self, step: int, info: dict | None = None) -> None:
+        """Pin checkpoint ``step`` (already saved and complete) as the best: pruning never deletes it.
+
+        Rank 0 writes ``best.json`` atomically; the previously pinned checkpoint becomes an ordinary
+        one again (pruned by the next save if it is beyond ``keep_last``). Call on every rank.
+        """
+        if self.rank == 0:
+            tag = tag_for(step)
+            if not is_complete(self.ckpt_dir / tag):
+                raise CheckpointError(f"cannot pin {self.ckpt_dir / tag} as the best: it is not a complete checkpoint")
+            atomic_write_text(self.ckpt_dir / BEST, json.dumps({"tag": tag, "step": step, **(info or {})}) + "\n")
+        _barrier()
+
+    def read_best(self) -> dict | None:
+        """The pinned best checkpoint's record (``tag``, ``step``, what mark_best was given), or None."""
+        try:
+            return json.loads((self.ckpt_dir / BEST).read_text())
+        except FileNotFoundError:
+            return None
 
     # -- resume
 

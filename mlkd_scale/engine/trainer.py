@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
-import time
 from pathlib import Path
 
 import deepspeed
@@ -24,8 +22,8 @@ from mlkd_scale.data.stream import PackedStream
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
+from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
-from mlkd_scale.engine.schedule import build_optimizer
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, load_teacher, resolve_layer_mapping
@@ -41,6 +39,11 @@ class Trainer:
     def __init__(self, spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None):
         self.spec = spec
         self.stop_after_steps = stop_after_steps
+        if spec.data is None:
+            raise SpecError(
+                "data: general distillation needs a data section; this spec has a task section, "
+                "run it with launchers/task_kd.py (or launchers/finetune_teacher.py)"
+            )
         self.dist = dist or init_distributed()
         self.plan = resolve_plan(spec, self.dist.world_size)
         self.output_dir = Path(spec.run.output_dir)
@@ -63,12 +66,7 @@ class Trainer:
             student.set_attn_implementation("eager")
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
-        optimizer, scheduler = build_optimizer(
-            module, spec.train, self.plan.total_steps, self.plan.warmup_steps, fused=self.dist.device.type == "cuda"
-        )
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.plan.deepspeed_config
-        )
+        self.engine, self.scheduler = build_engine(module, spec.train, self.plan, self.dist.device)
         self.stream = PackedStream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
         self.checkpoints = CheckpointManager(
             spec.checkpoint.dir or self.output_dir / "checkpoints",
@@ -133,23 +131,19 @@ class Trainer:
             self._sample_log.write(json.dumps({"step": self.step + 1, "doc_ids": batch["doc_ids"]}) + "\n")
         return {k: batch[k].to(self.dist.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # no_grad rather than inference_mode: the losses save teacher tensors for the student's
+        # backward (e.g. the MSE target), which autograd refuses to do with inference tensors.
+        with torch.no_grad():
+            teacher_features = self.teacher_tap(**batch)
+        return self.engine(batch, teacher_features)
+
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step (all micro batches); returns the step's mean loss terms, on device."""
-        sums: dict[str, torch.Tensor] = {}
-        for _ in range(self.plan.gradient_accumulation_steps):
-            batch = self._next_batch()
-            # no_grad rather than inference_mode: the losses save teacher tensors for the student's
-            # backward (e.g. the MSE target), which autograd refuses to do with inference tensors.
-            with torch.no_grad():
-                teacher_features = self.teacher_tap(**batch)
-            total, terms = self.engine(batch, teacher_features)
-            self.engine.backward(total)
-            self.engine.step()
-            for name, value in {"total": total.detach(), **terms}.items():
-                sums[name] = sums.get(name, 0) + value.float()
+        terms = optimizer_step(self.engine, self._next_batch, self._loss, self.plan.gradient_accumulation_steps)
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step
-        return {name: value / self.plan.gradient_accumulation_steps for name, value in sums.items()}
+        return terms
 
     def train(self) -> dict:
         """Run until the step budget (or ``stop_after_steps``); checkpoint, export, summarise."""
@@ -165,14 +159,14 @@ class Trainer:
             desc="distilling",
             unit="step",
         )
-        window = _Window()
+        window = Window()
         while self.step < stop_at:
             terms = self.train_step()
             window.add(terms)
             progress.update(1)
             if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
                 self._log(window, progress)
-                window = _Window()
+                window = Window()
             if self.step % spec.checkpoint.every_n_steps == 0 or self.step == stop_at:
                 self.save_checkpoint()
         progress.close()
@@ -196,19 +190,16 @@ class Trainer:
             self._print_summary(summary)
         return summary
 
-    def _log(self, window: _Window, progress: tqdm) -> None:
+    def _log(self, window: Window, progress: tqdm) -> None:
         means = window.global_means()  # one all-reduce per logging step, not per step
         seconds = window.elapsed()
         sequences = window.steps * self.plan.global_batch_size
         scalars = {f"loss/{name}": value for name, value in means.items()}
+        scalars.update(optimizer_scalars(self.engine, self.scheduler, self.dist.device))
         scalars.update(
             {
-                "train/lr": self.scheduler.get_last_lr()[0],
-                "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
-                "train/loss_scale": _loss_scale(self.engine),
                 "throughput/tokens_per_s": window.steps * self.plan.tokens_per_step / seconds,
                 "throughput/samples_per_s": sequences / seconds,
-                "memory/peak_gib": _peak_memory_gib(self.dist.device),
                 "train/tokens_seen": self.tokens_seen,
             }
         )
@@ -239,43 +230,3 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
         return path.open("a", buffering=1)
 
-
-class _Window:
-    """Loss terms summed on device over the steps between two logging points."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.start = time.perf_counter()
-
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0) + value
-        self.steps += 1
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
-
-    def global_means(self) -> dict[str, float]:
-        names = sorted(self.sums)
-        stacked = torch.stack([self.sums[n] for n in names]) / self.steps
-        torch.distributed.all_reduce(stacked)
-        stacked /= torch.distributed.get_world_size()
-        return dict(zip(names, stacked.tolist()))
-
-
-def _as_float(value) -> float:
-    if value is None:
-        return float("nan")
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
-
-
-def _loss_scale(engine) -> float:
-    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
-    return _as_float(scale) if scale is not None else 1.0
-
-
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,209 @@
+"""Task distillation (paper §1, §3): a fine-tuned task teacher teaches the student, Stage 1 then Stage 2.
+
+Reading order: :func:`run_task_kd` loads the teacher, the data and the dev metrics of the teacher,
+then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_stage.TaskStage`:
+
+* Stage 1 — L_EMB + L_MHA + L_FFN (or the preset's stage-1 terms) on the task's train data (or
+  its augmentation cache); trains the student and the projections W_h;
+* Stage 2 — L_SS + L_SC + L_KD on the original train data, labels passed for L_SC; it starts from
+  Stage 1's *final* weights, projections included (the consolidated Stage-1 checkpoint is loaded
+  into the Stage-2 module before DeepSpeed wraps it, so it does not matter whether Stage 1 ran in
+  this process or in an earlier launch).
+
+A finished stage (its ``result.json``) is skipped on relaunch; an unfinished one resumes exactly.
+At the end the best checkpoint of the last stage (Stage 2 normally), chosen on dev by the task's
+main metric, is exported with its head to ``<output_dir>/student`` with ``eval_results.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from mlkd_scale.data.glue import GlueTask, teacher_label_order
+from mlkd_scale.engine.checkpoint import HF_META, CheckpointError
+from mlkd_scale.engine.distributed import DistInfo
+from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.engine.task_run import (
+    cached_dev_metrics,
+    export_best,
+    label_config,
+    make_context,
+    metrics_line,
+    print_finished,
+    print_stopped,
+)
+from mlkd_scale.engine.task_stage import (
+    StageSetup,
+    TaskContext,
+    TaskStage,
+    full_state_dict,
+)
+from mlkd_scale.losses import DistillationObjective
+from mlkd_scale.models import FeatureTap, build_student, resolve_layer_mapping
+from mlkd_scale.models.teacher import DTYPES, freeze
+from mlkd_scale.spec import RunSpec, SpecError
+
+
+def load_task_teacher(path: str, dtype: str, task: GlueTask) -> tuple[PreTrainedModel, list[int] | None]:
+    """The frozen task teacher and the column order that puts its logits in our label order
+    (None when it already is; MNLI teachers of the legacy scripts need it)."""
+    teacher, info = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=DTYPES[dtype], output_loading_info=True
+    )
+    fresh = [k for k in info.get("missing_keys", []) if "classifier" in k or "score" in k]
+    if fresh:
+        raise SpecError(
+            f"teacher.path: {path} has no trained classification head (e.g. {min(fresh)} is missing); "
+            "task distillation needs a fine-tuned task teacher: make one with launchers/finetune_teacher.py"
+        )
+    if teacher.config.num_labels != task.num_labels:
+        raise SpecError(
+            f"teacher.path: {path} predicts {teacher.config.num_labels} labels but {task.name} has "
+            f"{task.num_labels}; give a teacher fine-tuned on {task.name}"
+        )
+    try:
+        order = teacher_label_order(task, teacher.config.id2label)
+    except ValueError as error:
+        raise SpecError(f"teacher.path: {error}") from None
+    return freeze(teacher), (None if order == list(range(len(order))) else order)
+
+
+def build_task_student(
+    teacher: PreTrainedModel, ctx: TaskContext, layer_map: list[int], order: list[int] | None
+) -> PreTrainedModel:
+    """The student with the teacher's head class and the task's labels (in our order).
+
+    ``init='path'`` loads e.g. a general-distillation export (a bare encoder gets a fresh head);
+    ``teacher_layers`` copies the teacher's head too, its rows permuted into our label order.
+    """
+    spec = ctx.spec.student
+    labels = label_config(ctx.task)
+    if spec.init == "path":
+        return type(teacher).from_pretrained(
+            spec.path, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
+        )
+    student = build_student(teacher, spec, layer_map)
+    for key, value in labels.items():
+        setattr(student.config, key, value)
+    if spec.init == "teacher_layers" and order is not None:  # the copied head's output rows
+        outputs = [m for m in student.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(order)]
+        with torch.no_grad():
+            for param in outputs[-1].parameters():
+                param.copy_(param[order])
+    return student
+
+
+def stage2_module_from_stage1(teacher: PreTrainedModel, module_factory, stage1: dict) -> DistillationModule:
+    """The Stage-2 module with Stage 1's final weights: the student and every projection."""
+    final = Path(stage1["final"]["checkpoint"])
+    config = AutoConfig.from_pretrained(final.parent / HF_META)
+    module = module_factory(type(teacher)(config).float())
+    state = full_state_dict(final)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing_student = [k for k in missing if k.startswith("student.")]
+    if missing_student or unexpected:
+        raise CheckpointError(
+            f"Stage 1's checkpoint {final} does not fit the Stage-2 student: missing {missing_student[:3]}, "
+            f"unexpected {unexpected[:3]}; was Stage 1 run with another student or losses section?"
+        )
+    return module
+
+
+def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None) -> dict:
+    """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
+    ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
+    task, device = ctx.task, ctx.dist.device
+    teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
+    teacher.to(device)
+
+    def teacher_logits(inputs: dict) -> torch.Tensor:
+        logits = teacher(**inputs).logits
+        return logits if order is None else logits[:, order]
+
+    key = {"teacher": str(Path(spec.teacher.path).absolute()), "max_seq_length": spec.task.max_seq_length}
+    teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
+    ctx.print(metrics_line("teacher", teacher_dev))
+    layer_map = resolve_layer_mapping(
+        spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
+    )
+
+    offset, result, results = 0, None, {}
+    for number in spec.task.stages:
+        name = f"stage{number}"
+        budget = spec.task.stage1 if number == 1 else spec.task.stage2
+        train = data.stage1_train if number == 1 else data.train
+        done = ctx.read_result(name)
+        if done is not None:
+            ctx.print(f"{name} already finished ({ctx.stage_dir(name) / 'result.json'}); skipping it")
+            offset, result = offset + done["steps"], done
+            results[name] = done
+            continue
+        if stop_after_steps is not None and stop_after_steps <= offset:
+            return print_stopped(ctx, offset)
+        deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # each stage starts from the same RNG state
+
+        def make_module(student: PreTrainedModel, number: int = number) -> DistillationModule:
+            objective = DistillationObjective(
+                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression
+            )
+            if objective.needs_attention_maps:
+                teacher.set_attn_implementation("eager")
+                student.set_attn_implementation("eager")
+            return DistillationModule(student, objective)
+
+        try:
+            if number == 2 and "stage1" in results:
+                module = stage2_module_from_stage1(teacher, make_module, results["stage1"])
+            else:
+                module = make_module(build_task_student(teacher, ctx, layer_map, order))
+        except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
+            raise SpecError(str(error)) from None
+        tap = FeatureTap(teacher, module.objective.teacher_request())
+
+        def make_loss(engine, tap: FeatureTap = tap):
+            def loss(batch: dict):
+                inputs = {k: batch[k] for k in MODEL_INPUTS}
+                with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
+                    features = tap(**inputs)
+                if order is not None and features.logits is not None:
+                    features.logits = features.logits[:, order]
+                return engine(inputs, features, batch["labels"])
+
+            return loss
+
+        setup = StageSetup(
+            name=name,
+            module=module,
+            make_loss=make_loss,
+            make_predict=lambda engine: (lambda inputs: engine.module.student(**inputs).logits),
+            train=train,
+            budget=budget,
+            stream=number,
+            step_offset=offset,
+        )
+        stage = TaskStage(ctx, setup, module.student)
+        outcome = stage.run()
+        stage.close()
+        tap.remove()
+        if not outcome["finished"]:
+            return print_stopped(ctx, offset + outcome["step"])
+        offset, result = offset + outcome["result"]["steps"], outcome["result"]
+        results[name] = result
+
+    out_dir = export_best(ctx, result, "student", {"teacher_dev": teacher_dev})
+    lines = [metrics_line("teacher", teacher_dev)]
+    for name, res in results.items():
+        if res.get("first_loss") is not None:
+            lines.append(f"{name} loss: {res['first_loss']:.4f} at the first logged step -> {res['last_loss']:.4f}")
+    lines += [
+        metrics_line(f"student ({result['stage']} step {result['best']['step']})", result["best"]["metrics"]),
+    ]
+    if out_dir is not None:
+        lines.append(f"student exported to {out_dir}")
+    print_finished(ctx, offset, lines)
+    exported = str(out_dir) if out_dir else None
+    return {"step": offset, "finished": True, "stages": results, "teacher_dev": teacher_dev, "exported": exported}

@@ -1,0 +1,134 @@
+"""What teacher fine-tuning and task distillation share: setup, label config, export, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+from transformers import logging as hf_logging
+
+from mlkd_scale.data.glue import GlueTask
+from mlkd_scale.data.sources import DataError
+from mlkd_scale.data.task_data import load_task_data
+from mlkd_scale.engine.checkpoint import atomic_write_text
+from mlkd_scale.engine.distributed import DistInfo, init_distributed
+from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
+from mlkd_scale.engine.export import export_checkpoint
+from mlkd_scale.engine.task_stage import TaskContext
+from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec import RunSpec, SpecError
+
+EVAL_RESULTS = "eval_results.json"
+
+
+def make_context(
+    spec: RunSpec, stop_after_steps: int | None, dist: DistInfo | None, with_augmented: bool
+) -> tuple[TaskContext, object]:
+    """Join the process group, resolve the plan, read and encode the task's data; print both."""
+    if spec.task is None:
+        raise SpecError(
+            "task: this spec has no task section (it is a general-distillation spec); "
+            "run it with launchers/general_kd.py, or add a task section"
+        )
+    if spec.teacher.placement != "replicate":
+        raise SpecError("teacher.placement: 'zero3' (a partitioned teacher) is not available yet; use 'replicate'")
+    info = dist or init_distributed()
+    plan = resolve_plan(spec, info.world_size)
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
+    try:
+        data = load_task_data(spec.task, tokenizer, with_augmented=with_augmented)
+    except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each
+        raise DataError(f"task data: {error}") from None
+    ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps)
+    ctx.print(plan.summary(), data.describe())
+    return ctx, data
+
+
+def label_config(task: GlueTask) -> dict:
+    """Config overrides that give a sequence-classification model the task's labels, in our order."""
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {
+        "num_labels": task.num_labels,
+        "id2label": dict(enumerate(task.label_names)),
+        "label2id": {name: i for i, name in enumerate(task.label_names)},
+        "problem_type": "single_label_classification",
+    }
+
+
+def export_best(ctx: TaskContext, result: dict, out_name: str, extra: dict | None = None) -> Path | None:
+    """Export the stage's best checkpoint as a HF directory ``<output_dir>/<out_name>`` with
+    ``eval_results.json`` (its dev metrics), on rank 0; every rank waits.
+
+    None (nothing written) when ``checkpoint.export_at_end`` is false: ``mlkd-scale export`` can
+    export the best checkpoint (named in the stage's result.json) later.
+    """
+    out_dir = ctx.output_dir / out_name
+    best = result["best"]
+    if not ctx.spec.checkpoint.export_at_end:
+        ctx.print(f"not exported (checkpoint.export_at_end is false); the best checkpoint is {best['checkpoint']}")
+        return None
+    if ctx.dist.is_main:
+        export_checkpoint(best["checkpoint"], out_dir)
+        report = {
+            "task": ctx.task.name,
+            "main_metric": ctx.task.main_metric,
+            "stage": result["stage"],
+            "step": best["step"],
+            "checkpoint": best["checkpoint"],
+            "dev": best["metrics"],
+            **(extra or {}),
+        }
+        atomic_write_text(out_dir / EVAL_RESULTS, json.dumps(report, indent=1) + "\n")
+    torch.distributed.barrier()
+    return out_dir
+
+
+def cached_dev_metrics(ctx: TaskContext, key: dict, predict: PredictFn, cache_name: str) -> dict:
+    """Dev metrics of a fixed model (e.g. the teacher), computed once per run and cached by ``key``."""
+    path = ctx.output_dir / cache_name
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["dev"]
+    results = evaluate(predict, ctx.dev, ctx.task, ctx.spec.task.eval_batch_size, ctx.dist)
+    if ctx.dist.is_main:
+        atomic_write_text(path, json.dumps({"key": key, "dev": results}, indent=1) + "\n")
+    return results
+
+
+def print_stopped(ctx: TaskContext, run_step: int) -> dict:
+    ctx.print(f"run stopped (resumable) at step {run_step}")
+    return {"step": run_step, "finished": False}
+
+
+def print_finished(ctx: TaskContext, run_step: int, lines: list[str]) -> None:
+    ctx.print(f"run finished at step {run_step}", *lines)
+
+
+def metrics_line(what: str, results: dict) -> str:
+    return f"{what} dev: {format_metrics(results)}"
+
+
+@torch.no_grad()
+def evaluate_model_dir(model_dir: str | Path, task_spec, batch_size: int | None = None) -> dict:
+    """Dev metrics of an exported model directory (teacher or student), in this one process.
+
+    ``task_spec`` is a spec's task section (data_dir, max_seq_length); logits are put in our label
+    order via the model's ``id2label``, as the run did.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from mlkd_scale.data.glue import teacher_label_order
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = load_task_data(task_spec, tokenizer, with_augmented=False)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    order = teacher_label_order(data.task, model.config.id2label)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    return evaluate(
+        lambda inputs: model(**inputs).logits[:, order], data.dev, data.task, batch_size or task_spec.eval_batch_size, info
+    )

