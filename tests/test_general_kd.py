@@ -67,7 +67,8 @@ def test_tensorboard_export_and_spec_text(tmp_path, assets):
     out = tmp_path / "out"
     scalars = read_scalars(out / "tensorboard")
     for tag in ("loss/total", "loss/emb", "loss/mha", "loss/ffn", "train/lr", "train/grad_norm",
-                "train/loss_scale", "throughput/tokens_per_s", "throughput/samples_per_s", "memory/peak_gib"):
+                "train/loss_scale", "throughput/tokens_per_s", "throughput/samples_per_s", "memory/peak_gib",
+                "data/documents_read", "data/documents_skipped", "data/epoch_mean"):
         assert tag in scalars, f"{tag} missing from TensorBoard"
         assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4]
         assert all(math.isfinite(v) for _, v in scalars[tag])

@@ -52,7 +52,7 @@ def file_sha256(path: str | Path) -> str:
 def _records(path: Path, columns: tuple[str, ...] | None):
     """(line number, dict) per example."""
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -63,7 +63,7 @@ def _records(path: Path, columns: tuple[str, ...] | None):
     if path.suffix != ".tsv":
         raise AugmentInputError(f"{path}: use a .jsonl or .tsv input file")
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = list(columns) if columns else next(reader, [])
         for number, cells in enumerate(reader, 1 if columns else 2):

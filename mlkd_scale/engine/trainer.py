@@ -129,7 +129,13 @@ class Trainer:
         batch = self.stream.next_batch(self.plan.micro_batch_size)
         if self._sample_log is not None:
             self._sample_log.write(json.dumps({"step": self.step + 1, "doc_ids": batch["doc_ids"]}) + "\n")
-        return {k: batch[k].to(self.dist.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+        # Packed sequences are always full, so no attention mask travels: the models then skip
+        # building one and the relation losses skip masking ([B, A, L, L] work per layer).
+        return {
+            k: batch[k].to(self.dist.device, non_blocking=True)
+            for k in MODEL_INPUTS
+            if k in batch and k != "attention_mask"
+        }
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # no_grad rather than inference_mode: the losses save teacher tensors for the student's
@@ -203,10 +209,24 @@ class Trainer:
                 "train/tokens_seen": self.tokens_seen,
             }
         )
+        scalars.update(self._data_counters())
         self.logger.scalars(self.step, scalars)
         total = scalars["loss/total"]
         self.loss_history.append((self.step, total))
         progress.set_postfix(loss=f"{total:.4f}", refresh=False)
+
+    def _data_counters(self) -> dict[str, float]:
+        """Corpus counters summed over ranks (documents read, skipped as empty, malformed) and the
+        mean epoch; one small all-reduce per logging step."""
+        stats = self.stream.stats()
+        names = [k for k in ("documents_read", "documents_skipped", "documents_malformed") if k in stats]
+        values = [float(stats[k]) for k in names] + [float(stats["epoch"])]
+        totals = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.tolist()
+        counters = {f"data/{name}": value for name, value in zip(names, totals)}
+        counters["data/epoch_mean"] = totals[-1] / self.dist.world_size
+        return counters
 
     def _print_summary(self, summary: dict) -> None:
         first, last = summary["first_loss"], summary["last_loss"]
