@@ -266,7 +266,7 @@ def test_objective_overhead_uses_the_shared_pieces():
     import objective_overhead
 
     assert objective_overhead.bare_step is common.bare_step
-    assert objective_overhead.timed is common.timed
+    assert objective_overhead.timed_with_cpu is common.timed_with_cpu
 
 
 @pytest.mark.launcher
