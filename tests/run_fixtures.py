@@ -59,9 +59,22 @@ def make_spec(tmp: Path, teacher: Path, corpus: Path, **overrides) -> Path:
     return path
 
 
+# Set in this pytest process by in-process single-rank DeepSpeed tests; a child launched from here
+# must not inherit them, or it would try to join (or re-bind) this process's rendezvous port.
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "CROSS_RANK", "CROSS_SIZE")
+
+
+def child_env(**extra: str) -> dict:
+    """This process's environment for a launched child: CPU DeepSpeed, no inherited rendezvous."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
 def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = None, timeout: int = 600):
     """``deepspeed --num_gpus N launchers/general_kd.py --spec SPEC`` on CPU ranks; returns the process."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
@@ -89,7 +102,7 @@ def run_two_nodes(spec: Path, timeout: int = 600) -> list:
     """Two "nodes" on this machine: a 2-line hostfile and one ``deepspeed --no_ssh`` per node rank."""
     hostfile = spec.parent / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     port = str(_free_port())
     deepspeed = Path(sys.executable).parent / "deepspeed"
     procs = [
@@ -105,7 +118,7 @@ def run_two_nodes(spec: Path, timeout: int = 600) -> list:
 
 
 def run_torchrun(spec: Path, ranks: int = 2, timeout: int = 600):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)]

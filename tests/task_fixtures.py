@@ -60,13 +60,12 @@ def task_spec(tmp: Path, teacher: Path, task: str, path: Path | None = None, **o
 
 def run_task_launcher(script: str, spec: Path, *extra: str, ranks: int = 2, timeout: int = 600):
     """``deepspeed --num_gpus N launchers/<script> --spec SPEC`` on CPU ranks; returns the process."""
-    import os
     import subprocess
     import sys
 
-    from run_fixtures import _free_port
+    from run_fixtures import _free_port, child_env
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
            str(REPO / "launchers" / script), "--spec", str(spec), *extra]

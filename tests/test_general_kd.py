@@ -1,19 +1,26 @@
 """General distillation end to end through the real deepspeed launcher on 2 CPU ranks."""
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from run_fixtures import (
+    REPO,
+    child_env,
+    make_corpus,
+    make_spec,
+    make_teacher,
+    run_launcher,
+    run_torchrun,
+    run_two_nodes,
+    sample_ids,
+)
 from transformers import AutoModel, AutoTokenizer
 
 from mlkd_scale.engine.checkpoint import read_complete
 from mlkd_scale.engine.tb_logger import read_scalars, read_texts
-from run_fixtures import (
-    REPO, make_corpus, make_spec, make_teacher, run_launcher, run_torchrun, run_two_nodes, sample_ids,
-)
 
 pytestmark = pytest.mark.launcher
 
@@ -91,7 +98,7 @@ def test_plain_python_single_process_bf16(tmp_path, assets):
                      teacher__dtype="bf16", train__zero_stage=1)
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          env=child_env())
     _ok(proc)
     assert "run finished at step 2" in proc.stdout
     assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 1
