@@ -68,6 +68,15 @@ def quiet_libraries() -> None:
 # ---- models and batches --------------------------------------------------------------------------
 
 
+def add_precision_args(parser, student_help: str) -> None:
+    """The precision and ZeRO flags that every benchmark script takes."""
+    parser.add_argument(
+        "--teacher-dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU"
+    )
+    parser.add_argument("--student-precision", choices=["bf16", "fp16", "fp32"], default=None, help=student_help)
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
+
+
 def teacher_config(shapes: str) -> BertConfig:
     return BertConfig(**SHAPES[shapes][0])
 

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from common import (
     SHAPES,
+    add_precision_args,
     bare_step,
     build_models,
     format_facts,
@@ -381,19 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--candidates", default=",".join(CANDIDATES), help=f"comma-separated subset of {','.join(CANDIDATES)}"
     )
-    parser.add_argument(
-        "--teacher-dtype",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="default bf16 on GPU, fp32 on CPU",
-    )
-    parser.add_argument(
-        "--student-precision",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="DeepSpeed precision for ours, autocast dtype for the others (default bf16 on GPU)",
-    )
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
+    add_precision_args(parser, "DeepSpeed precision for ours, autocast dtype for the others (default bf16 on GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)

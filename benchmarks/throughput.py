@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from common import (
     SHAPES,
+    add_precision_args,
     build_models,
     distillation_step_flops,
     format_facts,
@@ -85,19 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", choices=list(PRESET_TERMS), default="mlkd", help="the losses.preset")
     parser.add_argument("--student-heads", type=int, default=12)
-    parser.add_argument(
-        "--teacher-dtype",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="default bf16 on GPU, fp32 on CPU",
-    )
-    parser.add_argument(
-        "--student-precision",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="DeepSpeed mixed precision of the student (default bf16 on GPU, fp32 on CPU)",
-    )
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
+    add_precision_args(parser, "DeepSpeed mixed precision of the student (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and the objective")
     parser.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher too")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device for MFU")
