@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig
 
+from mlkd_scale.engine.loop import build_engine
 from mlkd_scale.engine.module import MODEL_INPUTS
-from mlkd_scale.engine.schedule import build_optimizer
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, build_student_config
 from mlkd_scale.models.teacher import DTYPES, freeze
@@ -151,7 +151,6 @@ def make_engine(
     precision: str,
     zero_stage: int,
     world_size: int,
-    device: torch.device,
 ):
     """A DeepSpeed engine over ``module`` (a ``DistillationModule``) as the trainer builds it:
     spec → plan → DeepSpeed config, and the project's AdamW + LR schedule.
@@ -159,8 +158,6 @@ def make_engine(
     The spec holds only what the engine reads (micro batch, precision, ZeRO stage, optimizer
     defaults); the teacher path and data source are placeholders that are never opened.
     """
-    import deepspeed
-
     spec = RunSpec(
         teacher={"path": "unused"},
         data={"sources": [{"path": "unused"}], "max_seq_length": seq},
@@ -172,13 +169,7 @@ def make_engine(
             "zero_stage": zero_stage,
         },
     )
-    plan = resolve_plan(spec, world_size)
-    optimizer, scheduler = build_optimizer(
-        module, spec.train, plan.total_steps, plan.warmup_steps, fused=device.type == "cuda"
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed_config
-    )
+    engine, _ = build_engine(module, spec.train, resolve_plan(spec, world_size))
     engine.train()
     return engine
 

@@ -195,7 +195,7 @@ def build_textbrewer(
 
 
 def _optimizer(module: nn.Module, train: TrainSpec, device: torch.device):
-    return build_optimizer(module, train, total_steps=10**6, warmup_steps=0, fused=device.type == "cuda")
+    return build_optimizer(module, train, total_steps=10**6, warmup_steps=0)
 
 
 def _update(optimizer, scheduler, params) -> None:
@@ -277,7 +277,7 @@ class _BareModule(nn.Module):
         return self.student(**batch).last_hidden_state.float().square().mean()
 
 
-def make_bare_engine(teacher, student, args, device, world_size) -> Callable[[dict], None]:
+def make_bare_engine(teacher, student, args, world_size) -> Callable[[dict], None]:
     engine = make_engine(
         _BareModule(student),
         args.batch,
@@ -285,7 +285,6 @@ def make_bare_engine(teacher, student, args, device, world_size) -> Callable[[di
         args.student_precision,
         args.zero_stage,
         world_size,
-        device,
     )
 
     def step(batch):
@@ -309,7 +308,6 @@ def make_ours(teacher, student, preset, args, device, world_size) -> Callable[[d
         args.student_precision,
         args.zero_stage,
         world_size,
-        device,
     )
     return make_engine_step(engine, tap)
 
@@ -345,7 +343,7 @@ def build_candidates(args, device: torch.device, world_size: int, output_dir: st
         elif name == "bare-eager":
             steps[name] = make_bare(*copies("eager"), train, device, autocast)
         elif name == "bare-engine":
-            steps[name] = make_bare_engine(*copies("sdpa"), args, device, world_size)
+            steps[name] = make_bare_engine(*copies("sdpa"), args, world_size)
         elif name == "ours-tinybert":
             steps[name] = make_ours(*copies("eager"), "tinybert", args, device, world_size)
         elif name == "ours-mlkd":

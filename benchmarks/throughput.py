@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile_teacher:
         teacher.compile()
     engine = make_engine(
-        module, args.batch, args.seq, args.student_precision, args.zero_stage, dist.world_size, device
+        module, args.batch, args.seq, args.student_precision, args.zero_stage, dist.world_size
     )
     step = make_engine_step(engine, teacher_tap)
     batch = make_batch(args.batch, args.seq, device, teacher.config.vocab_size)

@@ -147,7 +147,7 @@ class TaskStage:
         self.name = setup.name
         self.plan = ctx.stage_plan(setup.budget, len(setup.train))
         self.total = self.plan.total_steps
-        self.engine, self.scheduler = build_engine(setup.module, spec.train, self.plan, info.device, setup.budget.lr)
+        self.engine, self.scheduler = build_engine(setup.module, spec.train, self.plan, setup.budget.lr)
         self.loss_fn = setup.make_loss(self.engine)
         self.predict = setup.make_predict(self.engine)
         self.sampler = EpochSampler(

@@ -66,7 +66,7 @@ class Trainer:
             student.set_attn_implementation("eager")
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
-        self.engine, self.scheduler = build_engine(module, spec.train, self.plan, self.dist.device)
+        self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
         self.stream = PackedStream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
         self.checkpoints = CheckpointManager(
             spec.checkpoint.dir or self.output_dir / "checkpoints",
