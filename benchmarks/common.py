@@ -74,7 +74,20 @@ def add_precision_args(parser, student_help: str) -> None:
         "--teacher-dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU"
     )
     parser.add_argument("--student-precision", choices=["bf16", "fp16", "fp32"], default=None, help=student_help)
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
+    parser.add_argument(
+        "--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default 0 on one process, else 2"
+    )
+
+
+def resolve_defaults(args, device: torch.device, world_size: int) -> None:
+    """Fill the flags left unset with each device's best setting: batch 64 and bf16 on GPU, batch 8
+    and fp32 on CPU; ZeRO 0 on one process (partitioning one rank's state only adds copies), 2 above."""
+    gpu = device.type == "cuda"
+    args.batch = args.batch or (64 if gpu else 8)
+    args.teacher_dtype = args.teacher_dtype or ("bf16" if gpu else "fp32")
+    args.student_precision = args.student_precision or ("bf16" if gpu else "fp32")
+    if args.zero_stage is None:
+        args.zero_stage = 0 if world_size == 1 else 2
 
 
 def teacher_config(shapes: str) -> BertConfig:

@@ -68,6 +68,7 @@ from common import (
     peak_memory_gib,
     quiet_libraries,
     reset_peak_memory,
+    resolve_defaults,
     synchronizer,
     timed_with_cpu,
 )
@@ -399,10 +400,8 @@ def run(args: argparse.Namespace) -> dict:
     if dist.world_size != 1:
         raise SystemExit("peers.py compares tools in one process; run it with python, not a launcher")
     device = dist.device
+    resolve_defaults(args, device, dist.world_size)
     gpu = device.type == "cuda"
-    args.batch = args.batch or (64 if gpu else 8)
-    args.teacher_dtype = args.teacher_dtype or ("bf16" if gpu else "fp32")
-    args.student_precision = args.student_precision or ("bf16" if gpu else "fp32")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="peers-") as output_dir:
         steps, notes = build_candidates(args, device, dist.world_size, output_dir)

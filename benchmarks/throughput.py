@@ -60,6 +60,7 @@ from common import (
     peak_memory_gib,
     quiet_libraries,
     reset_peak_memory,
+    resolve_defaults,
     synchronizer,
     timed_with_cpu,
 )
@@ -112,10 +113,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     dist = init_distributed()
     device = dist.device
+    resolve_defaults(args, device, dist.world_size)
     gpu = device.type == "cuda"
-    args.batch = args.batch or (64 if gpu else 8)
-    args.teacher_dtype = args.teacher_dtype or ("bf16" if gpu else "fp32")
-    args.student_precision = args.student_precision or ("bf16" if gpu else "fp32")
     deepspeed.runtime.utils.set_random_seed(args.seed)  # the same student on every rank
 
     teacher, student, objective = build_models(

@@ -258,6 +258,13 @@ class DataSpec(StrictModel):
     shuffle_buffer: int = Field(
         1000, ge=0, description="Documents held in the shuffle buffer (saved in checkpoints); 0 = no shuffle."
     )
+    pretokenized_dir: str | None = Field(
+        None,
+        description="Train from this directory, written from these sources by `mlkd-scale pretokenize SPEC` "
+        "(tokenized and packed once, by many processes) instead of tokenizing while training: far faster "
+        "input, a global shuffle of all sequences every epoch (shuffle_buffer is then unused), and exact "
+        "resume at any world size. None = stream and tokenize the sources during training.",
+    )
 
 
 class CheckpointSpec(StrictModel):

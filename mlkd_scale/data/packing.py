@@ -115,7 +115,10 @@ class Packer:
         closing ``[SEP]`` already separates them), so the output depends only on the documents,
         not on when :meth:`pop` is called.
         """
-        ids = self.encode(text)
+        return self.add_ids(doc_id, self.encode(text))
+
+    def add_ids(self, doc_id, ids: list[int]) -> bool:
+        """:meth:`add` for a document tokenized elsewhere (e.g. by a worker process)."""
         if not ids:
             return False
         if len(self) % self.body:  # not at a sequence start: separate from the previous document

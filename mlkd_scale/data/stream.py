@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from mlkd_scale.data.packing import Packer, collate
 from mlkd_scale.data.shuffle import Doc, ShuffleBuffer
+from mlkd_scale.data.pretokenized import PretokenizedStream
 from mlkd_scale.data.sources import DataError, open_corpus
 from mlkd_scale.spec import DataSpec
 
@@ -192,3 +193,10 @@ class PackedStream:
         self.packer.load_state_dict(state["packer"])
         # .get: states written before documents_malformed existed read as 0 malformed
         self.counters = {k: int(state["counters"].get(k, 0)) for k in COUNTERS}
+
+
+def open_stream(data_spec: DataSpec, tokenizer, rank: int, world_size: int, seed: int):
+    """The stream a run trains from: a :class:`PretokenizedStream` when ``data.pretokenized_dir`` is
+    set, else a :class:`PackedStream` that tokenizes the sources as it goes."""
+    stream_class = PretokenizedStream if data_spec.pretokenized_dir else PackedStream
+    return stream_class(data_spec, tokenizer, rank, world_size, seed)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
-from mlkd_scale.data.stream import PackedStream
+from mlkd_scale.data.stream import open_stream
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
@@ -67,7 +67,7 @@ class Trainer:
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
         self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
-        self.stream = PackedStream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
+        self.stream = open_stream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
         self.checkpoints = CheckpointManager(
             spec.checkpoint.dir or self.output_dir / "checkpoints",
             spec.checkpoint.keep_last,
