@@ -125,8 +125,8 @@ def pretokenize(spec: str, out: str | None = None, workers: int | None = None) -
     c = meta["counters"]
     print(
         f"wrote {meta['num_sequences']:,} sequences of {meta['max_seq_length']} tokens to {target} in "
-        f"{meta['seconds']} s ({c['documents_packed']:,} documents packed, {c['documents_skipped']:,} skipped, "
-        f"{c['documents_malformed']:,} of them malformed)"
+        f"{meta['seconds']} s ({c['documents_packed']:,} documents packed, "
+        f"{c['documents_skipped']:,} skipped, {c['documents_malformed']:,} of them malformed)"
     )
 
 

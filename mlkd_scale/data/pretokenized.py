@@ -93,7 +93,9 @@ def _documents(data: DataSpec, seed: int, counters: dict) -> Iterator[tuple[str,
             yield record["id"], record["text"]
 
 
-def write_pretokenized(data: DataSpec, tokenizer_path: str, out_dir: str | Path, seed: int, workers: int) -> dict:
+def write_pretokenized(
+    data: DataSpec, tokenizer_path: str, out_dir: str | Path, seed: int, workers: int
+) -> dict:
     """Tokenize and pack one pass over ``data.sources`` into ``out_dir``; return its meta.
 
     ``workers`` processes tokenize (0 = in this process). Documents are packed in corpus order,
@@ -104,11 +106,15 @@ def write_pretokenized(data: DataSpec, tokenizer_path: str, out_dir: str | Path,
 
     out_dir = Path(out_dir)
     if (out_dir / META).is_file():
-        raise DataError(f"{out_dir} already holds a pretokenized corpus ({META}); remove it or choose another --out")
+        raise DataError(
+            f"{out_dir} already holds a pretokenized corpus ({META}); remove it or choose another --out"
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     packer = Packer(tokenizer, data.max_seq_length)
     dtype = np.uint16 if len(tokenizer.get_vocab()) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    counters = dict.fromkeys(["documents_read", "documents_skipped", "documents_malformed", "documents_packed"], 0)
+    counters = dict.fromkeys(
+        ["documents_read", "documents_skipped", "documents_malformed", "documents_packed"], 0
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     start = time.perf_counter()
@@ -199,7 +205,9 @@ def read_meta(directory: str | Path) -> dict:
         )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')} but this code reads format {FORMAT}; pretokenize again")
+        raise DataError(
+            f"{path}: format {meta.get('format')} but this code reads format {FORMAT}; pretokenize again"
+        )
     return meta
 
 
@@ -218,7 +226,9 @@ class PretokenizedStream:
         self._check(data, tokenizer)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         n, length = meta["num_sequences"], meta["max_seq_length"]
-        self.input_ids = np.memmap(self.dir / "input_ids.bin", dtype=meta["dtype"], mode="r", shape=(n, length))
+        self.input_ids = np.memmap(
+            self.dir / "input_ids.bin", dtype=meta["dtype"], mode="r", shape=(n, length)
+        )
         self.doc_offsets = np.fromfile(self.dir / "doc_offsets.bin", dtype=np.int64)
         self._doc_ids: list[str] | None = None
         self.consumed = 0  # sequences taken by all ranks together: the whole position
@@ -232,7 +242,9 @@ class PretokenizedStream:
                 f"{data.max_seq_length}; set it to {meta['max_seq_length']} or pretokenize again"
             )
         if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
-            raise DataError(f"{where} was tokenized with another vocabulary than the teacher's; pretokenize again")
+            raise DataError(
+                f"{where} was tokenized with another vocabulary than the teacher's; pretokenize again"
+            )
         if meta["sources"] != source_labels(data):
             raise DataError(
                 f"{where} was written from the sources {meta['sources']} but data.sources are "
@@ -309,7 +321,8 @@ class PretokenizedStream:
             mine = self.meta["num_sequences"] if key == "num_sequences" else self.seed
             if state[key] != mine:
                 raise DataError(
-                    f"the checkpoint's data position was saved with {key}={state[key]} but this run has {mine}; "
+                    f"the checkpoint's data position was saved with {key}={state[key]} "
+                    f"but this run has {mine}; "
                     "resume with the same pretokenized corpus and seed"
                 )
         self.consumed = int(state["consumed"])
