@@ -311,3 +311,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_data_loading_compares_both_paths(tmp_path, capsys):
+    import data_loading
+    from run_fixtures import make_corpus, make_spec, make_teacher
+
+    spec = make_spec(tmp_path, make_teacher(tmp_path / "teacher"), make_corpus(tmp_path / "c.jsonl", docs=200))
+    data_loading.main(["--spec", str(spec), "--batch", "4", "--seconds", "0.2", "--rounds", "1", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "sequences of 32 tokens" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("streamed", "pretok"))}
+    assert set(rows) == {"streamed", "pretokenized"}
+    assert float(rows["streamed"][-1]) == 1.0 and float(rows["pretokenized"][1].replace(",", "")) > 0
