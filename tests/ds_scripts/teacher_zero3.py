@@ -3,8 +3,9 @@
 Usage: deepspeed --num_gpus 2 teacher_zero3.py SPEC OUT_DIR
 SPEC is a general-distillation spec (its teacher, student, losses and DeepSpeed config are used).
 Each rank writes OUT_DIR/rank{r}.json with the parameter bytes it holds under zero3 (and the
-whole teacher's), and the largest difference between the zero3 teacher's features and the
-replicated teacher's on this rank's own batch, in fp32 and in bf16.
+whole teacher's), the largest difference between the zero3 teacher's features and the replicated
+teacher's on this rank's own batch (in fp32 and in bf16), and between students initialised from
+the layers of each.
 """
 
 import argparse
@@ -17,11 +18,14 @@ import torch
 from mlkd_scale.engine.distributed import init_distributed
 from mlkd_scale.engine.teacher_placement import parameter_bytes, place_teacher
 from mlkd_scale.losses import DistillationObjective
-from mlkd_scale.models import FeatureTap, load_teacher
+from mlkd_scale.models import FeatureTap, build_student, load_teacher
 from mlkd_scale.models.student import build_student_config
 from mlkd_scale.models.taps import TapRequest
 from mlkd_scale.plan import resolve_plan
-from mlkd_scale.spec import load_spec
+from mlkd_scale.spec import StudentSpec, load_spec
+
+#: A student as wide as the test teacher, so it can be initialised from teacher layers.
+WIDE_STUDENT = StudentSpec(num_layers=2, hidden_size=48, num_heads=3, intermediate_size=96, init="teacher_layers")
 
 
 def request_for(spec, teacher) -> TapRequest:
@@ -56,7 +60,9 @@ def main(spec_path: Path, out: Path) -> None:
     report = {}
     for dtype in ("fp32", "bf16"):
         teacher_spec = spec.teacher.model_copy(update={"dtype": dtype})
-        replica = place_teacher(load_teacher(spec.teacher.path, dtype), teacher_spec.model_copy(), plan, info.device)
+        replica = place_teacher(
+            load_teacher(spec.teacher.path, dtype), teacher_spec.model_copy(update={"placement": "replicate"}), plan, info.device
+        )
         request = request_for(spec, replica.model)
         expected = features(replica, request, batch)
         zero3 = place_teacher(
@@ -79,6 +85,13 @@ def main(spec_path: Path, out: Path) -> None:
             ),
             "describe": zero3.describe(),
         }
+    # A student initialised from teacher layers copies the same weights from a partitioned teacher.
+    copied = {}
+    for name, placed in (("replica", replica), ("zero3", zero3)):
+        torch.manual_seed(0)
+        student = build_student(placed.model, WIDE_STUDENT, [2, 4])
+        copied[name] = {k: v.float() for k, v in student.state_dict().items()}
+    report["copied_student_max_abs_diff"] = max((copied["zero3"][k] - v).abs().max().item() for k, v in copied["replica"].items())
     # DeepSpeed's default persistence threshold (1e5 elements) keeps small parameters whole on every rank.
     defaults = dataclasses.replace(plan, deepspeed_config={"zero_optimization": {"stage": 2}})
     zero3 = place_teacher(
