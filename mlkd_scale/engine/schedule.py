@@ -26,11 +26,19 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay: str, mi
 
 
 def build_optimizer(
-    module: nn.Module, train: TrainSpec, total_steps: int, warmup_steps: int, fused: bool = False
+    module: nn.Module,
+    train: TrainSpec,
+    total_steps: int,
+    warmup_steps: int,
+    fused: bool = False,
+    cpu_offload: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with no weight decay on biases and LayerNorm weights, and its LambdaLR schedule.
 
-    Only parameters that require grad are optimised (frozen projections stay out).
+    Only parameters that require grad are optimised (frozen projections stay out). With
+    ``cpu_offload`` (the DeepSpeed config offloads the optimizer, see :func:`offloads_optimizer`)
+    it is DeepSpeed's vectorised ``DeepSpeedCPUAdam`` in AdamW mode, which ZeRO-Offload requires and
+    which steps the fp32 master weights on the host; its C++ op is JIT-built on first use (minutes).
     """
     decay, no_decay = [], []
     for name, param in module.named_parameters():
@@ -41,10 +49,25 @@ def build_optimizer(
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = {"fused": True} if fused else {}
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, **kwargs)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, adamw_mode=True)
+    else:
+        kwargs = {"fused": True} if fused else {}
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(step, total_steps, warmup_steps, train.decay, train.min_lr_ratio),
     )
     return optimizer, scheduler
+
+
+def offloads_optimizer(deepspeed_config: dict) -> bool:
+    """Whether a (resolved) DeepSpeed config puts the optimizer on the host (``offload_optimizer``
+    device cpu or nvme, or the deprecated ``cpu_offload``), read with DeepSpeed's own parser."""
+    from deepspeed.runtime.zero.config import get_zero_config
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    offload = get_zero_config(deepspeed_config).offload_optimizer
+    return offload is not None and offload.device in (OffloadDeviceEnum.cpu, OffloadDeviceEnum.nvme)
