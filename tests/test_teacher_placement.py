@@ -74,10 +74,12 @@ def test_general_distillation_with_a_zero3_teacher_matches_a_replicated_one(tmp_
     for placement in ("replicate", "zero3"):
         directory = tmp_path / placement
         directory.mkdir()
+        # the student on ZeRO-3 with CPU offload: the zero3 teacher inherits offload_param
         spec = make_spec(directory, teacher, corpus, teacher__placement=placement, train__max_steps=3,
-                         checkpoint__every_n_steps=3)
+                         checkpoint__every_n_steps=3, train__zero_stage=3, deepspeed__config="zero3_offload.json")
         proc = _ok(run_launcher(spec))
         assert f"teacher: {placement}" in proc.stdout
+        assert (placement == "zero3") == ("(partitions on " in proc.stdout), "zero3 partitions the teacher, replicate does not"
         runs[placement] = _scalars(directory / "out")
     expected, got = runs["replicate"], runs["zero3"]
     for tag in ("loss/total", "loss/emb", "loss/mha", "loss/ffn"):

@@ -54,7 +54,9 @@ class PlacedTeacher:
     def describe(self) -> str:
         """One line for the run's log: placement and the parameter bytes this rank holds."""
         held, full = parameter_bytes(self.model)
-        return f"teacher: {self.placement}, this rank holds {held / 2**20:,.1f} of {full / 2**20:,.1f} MiB of parameters"
+        line = f"teacher: {self.placement}, this rank holds {held / 2**20:,.1f} of {full / 2**20:,.1f} MiB of parameters"
+        partitions = {str(p.ds_tensor.device.type) for p in self.model.parameters() if hasattr(p, "ds_tensor")}
+        return line + (f" (partitions on {', '.join(sorted(partitions))})" if partitions else "")
 
 
 def teacher_deepspeed_config(plan: Plan, dtype: str) -> dict[str, Any]:
