@@ -171,6 +171,27 @@ def _autos(value: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if value == "auto" else []
 
 
+def _offload_problems(zero: dict[str, Any], stage: int, label: str) -> list[str]:
+    """Offload sections the ZeRO stage cannot honour (DeepSpeed would ignore or trip over them)."""
+
+    def offloaded(key: str) -> bool:
+        section = zero.get(key)
+        return isinstance(section, dict) and section.get("device", "none") not in ("none", None)
+
+    problems = []
+    if offloaded("offload_optimizer") and stage == 0:
+        problems.append(
+            f"{label} sets zero_optimization.offload_optimizer but the ZeRO stage is 0; offloading the "
+            "optimizer needs ZeRO stage 1, 2 or 3 (train.zero_stage)"
+        )
+    if offloaded("offload_param") and stage in (0, 1, 2):
+        problems.append(
+            f"{label} sets zero_optimization.offload_param but the ZeRO stage is {stage}; offloading "
+            "parameters needs ZeRO stage 3 (train.zero_stage: 3), or remove offload_param"
+        )
+    return problems
+
+
 def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, int, list[str]]:
     """Fill the user's DeepSpeed config from the spec; returns (config, precision, zero stage, problems).
 
@@ -241,6 +262,8 @@ def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, 
             problems.append(
                 f"{label} sets zero_optimization.stage={file_stage} but train.zero_stage is {stage}; {fix}"
             )
+
+    problems += _offload_problems(zero, stage, label)
 
     filled = {**values, **{k: v for k, v in user.items() if k not in values}}
     filled["bf16"] = {**user.get("bf16", {}), "enabled": precision == "bf16"}

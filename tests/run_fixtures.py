@@ -53,7 +53,7 @@ def make_spec(tmp: Path, teacher: Path, corpus: Path, **overrides) -> Path:
     }
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
-        spec[section][key] = value
+        spec.setdefault(section, {})[key] = value
     path = tmp / "spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from mlkd_scale.engine.schedule import build_optimizer
+from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec
 
@@ -25,11 +25,18 @@ LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def build_engine(module: nn.Module, train: TrainSpec, plan: Plan, lr: float | None = None):
     """AdamW + schedule for ``plan``'s steps, wrapped with ``module`` in a DeepSpeed engine.
 
-    ``lr`` overrides ``train.lr`` (a task stage has its own). Returns ``(engine, scheduler)``.
+    ``lr`` overrides ``train.lr`` (a task stage has its own). The AdamW is DeepSpeed's CPU Adam when
+    the config offloads the optimizer. Returns ``(engine, scheduler)``.
     """
     if lr is not None:
         train = train.model_copy(update={"lr": lr})
-    optimizer, scheduler = build_optimizer(module, train, plan.total_steps, plan.warmup_steps)
+    optimizer, scheduler = build_optimizer(
+        module,
+        train,
+        plan.total_steps,
+        plan.warmup_steps,
+        cpu_offload=offloads_optimizer(plan.deepspeed_config),
+    )
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed_config
     )

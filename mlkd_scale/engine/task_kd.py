@@ -42,6 +42,7 @@ from mlkd_scale.engine.task_stage import (
     TaskStage,
     full_state_dict,
 )
+from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_layer_mapping
 from mlkd_scale.models.teacher import DTYPES, freeze
@@ -118,7 +119,8 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
     ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
     task, device = ctx.task, ctx.dist.device
     teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
-    teacher.to(device)
+    placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
+    ctx.print(placed_teacher.describe())
 
     def teacher_logits(inputs: dict) -> torch.Tensor:
         logits = teacher(**inputs).logits

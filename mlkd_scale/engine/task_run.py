@@ -32,8 +32,6 @@ def make_context(
             "task: this spec has no task section (it is a general-distillation spec); "
             "run it with launchers/general_kd.py, or add a task section"
         )
-    if spec.teacher.placement != "replicate":
-        raise SpecError("teacher.placement: 'zero3' (a partitioned teacher) is not available yet; use 'replicate'")
     info = dist or init_distributed()
     plan = resolve_plan(spec, info.world_size)
     hf_logging.set_verbosity_error()

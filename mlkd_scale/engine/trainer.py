@@ -25,6 +25,7 @@ from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, load_teacher, resolve_layer_mapping
 from mlkd_scale.plan import resolve_plan
@@ -47,23 +48,21 @@ class Trainer:
         self.dist = dist or init_distributed()
         self.plan = resolve_plan(spec, self.dist.world_size)
         self.output_dir = Path(spec.run.output_dir)
-        if spec.teacher.placement != "replicate":
-            raise SpecError(
-                "teacher.placement: 'zero3' (a partitioned teacher) is not available yet; use 'replicate'"
-            )
         hf_logging.set_verbosity_error()
         deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # same initial student on every rank
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
-        self.teacher = load_teacher(spec.teacher.path, spec.teacher.dtype).to(self.dist.device)
+        teacher = load_teacher(spec.teacher.path, spec.teacher.dtype)
         layer_map = resolve_layer_mapping(
-            spec.losses.layer_mapping, spec.student.num_layers, self.teacher.config.num_hidden_layers
+            spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
         )
-        student = build_student(self.teacher, spec.student, layer_map)
-        objective = DistillationObjective(spec.losses, self.teacher.config, student.config, stage=1)
+        student = build_student(teacher, spec.student, layer_map)
+        objective = DistillationObjective(spec.losses, teacher.config, student.config, stage=1)
         if objective.needs_attention_maps:
-            self.teacher.set_attn_implementation("eager")
+            teacher.set_attn_implementation("eager")
             student.set_attn_implementation("eager")
+        self.placed_teacher = place_teacher(teacher, spec.teacher, self.plan, self.dist.device)
+        self.teacher = self.placed_teacher.model
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
         self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
@@ -156,6 +155,7 @@ class Trainer:
         spec, plan = self.spec, self.plan
         if self.dist.is_main:
             print(plan.summary(), flush=True)
+            print(self.placed_teacher.describe(), flush=True)
         stop_at = min(plan.total_steps, self.stop_after_steps or plan.total_steps)
         self.engine.train()
         progress = tqdm(

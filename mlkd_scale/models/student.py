@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -65,10 +66,23 @@ def copy_teacher_layers(teacher: PreTrainedModel, student: PreTrainedModel, laye
         encoder_params = {id(p) for p in nn.ModuleList([t_emb, t_layers]).parameters()}
         t_rest = {k: v for k, v in teacher.named_parameters() if id(v) not in encoder_params}
         s_params = dict(student.named_parameters())
-        for name, value in t_rest.items():
-            if name in s_params and s_params[name].shape == value.shape:
-                s_params[name].copy_(value.to(s_params[name].dtype))
+        with gathered(t_rest.values()):
+            for name, value in t_rest.items():
+                if name in s_params and s_params[name].shape == value.shape:
+                    s_params[name].copy_(value.to(s_params[name].dtype))
 
 
 def _copy_module(source: nn.Module, target: nn.Module) -> None:
-    target.load_state_dict({k: v.to(torch.float32) for k, v in source.state_dict().items()})
+    with gathered(source.parameters()):
+        target.load_state_dict({k: v.to(torch.float32) for k, v in source.state_dict().items()})
+
+
+def gathered(params) -> contextlib.AbstractContextManager:
+    """Whole parameters for the duration of the block: a ZeRO-3 partitioned teacher's are gathered
+    (one module at a time, so the whole teacher never sits on one rank); plain ones as they are."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
