@@ -53,7 +53,7 @@ def make_qa_teacher(directory: Path, seed: int = 0) -> Path:
 
 def squad_files(version: str) -> dict:
     """task.squad train_file/dev_file: the tiny official-format file of ``version`` for both."""
-    path = str(SQUAD / ("tiny-v1.1.json" if version == "squad_v1" else "tiny-v2.0.json"))
+    path = str(SQUAD / ("tiny-v1.1.json" if squad_task_name(version) == "squad_v1" else "tiny-v2.0.json"))
     return {"train_file": path, "dev_file": path}
 
 
