@@ -283,6 +283,8 @@ def test_finetune_then_distil_end_to_end(tmp_path: Path, world, capsys, version:
     result = run_task_kd(load_spec(kd_spec), dist=world)
     stdout = capsys.readouterr().out
     assert result["finished"] and "run finished at step 4" in stdout
+    questions = 9 if version == "squad_v1" else 7
+    assert f"task {version}: train {questions} questions in " in stdout
     out = tmp_path / "out"
     student_report = _check_export(out / "student", kd_spec, "stage2")
     # the teacher's dev scores in the run are the fine-tuning run's, and the keys are the official ones

@@ -162,7 +162,21 @@ class SquadDevSplit(EncodedSplit):
         return {key: float(value) for key, value in metrics.items()}
 
 
-def load_squad_task_data(spec: TaskSpec, tokenizer) -> TaskData:
+@dataclass
+class SquadTaskData(TaskData):
+    """TaskData whose splits are windows; ``describe`` counts questions and windows."""
+
+    train_questions: int = 0
+
+    def describe(self) -> str:
+        dev = self.dev["validation"]
+        return (
+            f"task {self.task.name}: train {self.train_questions:,} questions in {len(self.train):,} windows, "
+            f"dev {len(dev.examples):,} questions in {len(dev):,} windows"
+        )
+
+
+def load_squad_task_data(spec: TaskSpec, tokenizer) -> SquadTaskData:
     """Train and dev windows of a SQuAD task (Stage 1 trains on the same windows as Stage 2)."""
     task = get_squad_task(spec)
     settings = spec.squad
@@ -171,7 +185,8 @@ def load_squad_task_data(spec: TaskSpec, tokenizer) -> TaskData:
     def examples(split: str) -> list[SquadExample]:
         return limit_questions(read_split(spec, split), tokenizer, settings.max_query_length)
 
-    feats = prepare_train_features(examples("train"), tokenizer, **window)
+    train_examples = examples("train")
+    feats = prepare_train_features(train_examples, tokenizer, **window)
     feats["span_mask"] = _span_mask(feats)
     train = EncodedSplit({k: feats[k] for k in TRAIN_KEYS if k in feats}, feats["example_id"])
 
@@ -186,4 +201,4 @@ def load_squad_task_data(spec: TaskSpec, tokenizer) -> TaskData:
         settings=settings,
         version_2=task.version_2,
     )
-    return TaskData(task, train, train, {"validation": dev})
+    return SquadTaskData(task, train, train, {"validation": dev}, train_questions=len(train_examples))
