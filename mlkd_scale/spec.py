@@ -427,7 +427,7 @@ class Stage2Budget(StageBudget):
 
 
 class SquadSpec(StrictModel):
-    """SQuAD settings of a task run (``task.name`` 'squad_v1' or 'squad_v2'); defaults of ``run_qa.py``.
+    """SQuAD settings of a task run (``task.name`` 'squad_v1' or 'squad_v2'); defaults of BERT's ``run_squad.py``.
 
     Data: ``train_file``/``dev_file`` (official JSON), else ``task.data_dir`` holding the official
     names (``train-v1.1.json``/``dev-v1.1.json``, ``train-v2.0.json``/``dev-v2.0.json``), else the

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from run_fixtures import make_teacher
 from task_fixtures import SQUAD, SQUAD_WINDOWS, make_qa_teacher, run_task_launcher, squad_files, task_spec
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertConfig, BertForQuestionAnswering
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    BertConfig,
+    BertForQuestionAnswering,
+    BertModel,
+)
 
 from mlkd_scale.data.squad import prepare_train_features, read_squad
 from mlkd_scale.data.squad_task import limit_questions, load_squad_task_data, squad_task_name
@@ -263,7 +269,7 @@ def _check_export(out_dir: Path, spec_path: Path, stage: str) -> dict:
 
 
 @pytest.mark.parametrize("version", ["squad_v1", "squad_v2"])
-def test_finetune_then_distil_end_to_end(tmp_path: Path, world, capsys, version: str) -> None:
+def test_finetune_then_distil_end_to_end(tmp_path: Path, world, capsys, tokenizer, version: str) -> None:
     encoder = make_teacher(tmp_path / "encoder")  # a bare pre-trained encoder: the QA head is fresh
     ft_spec = squad_spec(tmp_path, encoder, version, path=tmp_path / "ft.json", task__eval_every_n_steps=2,
                          run={"name": "ft", "output_dir": str(tmp_path / "ft"), "seed": 1},
@@ -278,8 +284,14 @@ def test_finetune_then_distil_end_to_end(tmp_path: Path, world, capsys, version:
     assert [s for s, _ in ft_scalars["eval/f1"]] == [2, 4]
 
     budget = {"max_steps": 2, "lr": 1e-3}
+    student = {"num_layers": 2, "hidden_size": 24, "num_heads": 3, "intermediate_size": 48}
+    if version == "squad_v1":  # from a general-distillation student (a bare encoder): the QA head is fresh
+        general = tmp_path / "general_student"
+        BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                             intermediate_size=48, max_position_embeddings=64)).save_pretrained(general)
+        student = {"init": "path", "path": str(general)}
     kd_spec = squad_spec(tmp_path, teacher, version, path=tmp_path / "kd.json", task__eval_every_n_steps=1,
-                         task__stage1=budget, task__stage2=budget)
+                         task__stage1=budget, task__stage2=budget, student=student)
     result = run_task_kd(load_spec(kd_spec), dist=world)
     stdout = capsys.readouterr().out
     assert result["finished"] and "run finished at step 4" in stdout
