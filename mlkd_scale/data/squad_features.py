@@ -15,7 +15,9 @@ answer text, and the id of the example each feature came from, so windows can be
 
 Returned as a dict: tensors (``input_ids``, ``attention_mask``, ``token_type_ids`` when the
 tokenizer makes them, and ``start_positions``/``end_positions`` for train) ready for
-``model(**batch)``, plus metadata (``example_index``, ``example_id``, ``offset_mapping``).
+``model(**batch)``, plus metadata (``example_index``, ``example_id``, ``offset_mapping``) and
+``context_mask`` (BoolTensor [F, max_length]: True on the window's context tokens, the positions an
+answer can start or end at; task distillation restricts the start/end distributions to them).
 
 One deliberate difference from ``run_qa.py``: its token walk for the answer start can run past the
 last context token into [SEP]/padding when the answer begins in the window's last context token;
@@ -103,6 +105,7 @@ def _features(examples, tokenizer, max_length, doc_stride, batch_size, train: bo
     _check_tokenizer(tokenizer, examples, max_length, doc_stride)
     columns: dict[str, list] = {k: [] for k in TENSOR_KEYS}
     example_index: list[int] = []
+    context_mask: list[list[bool]] = []
     offset_mapping: list[list[tuple[int, int] | None]] = []
     for lo, enc in _encode(examples, tokenizer, max_length, doc_stride, batch_size):
         for key in ("input_ids", "attention_mask", "token_type_ids"):
@@ -113,6 +116,7 @@ def _features(examples, tokenizer, max_length, doc_stride, batch_size, train: bo
             example = examples[lo + sample]
             example_index.append(lo + sample)
             sequence_ids = enc.sequence_ids(i)
+            context_mask.append([s == 1 for s in sequence_ids])
             if train:
                 start, end = _answer_tokens(offsets_all[i], sequence_ids, example)
                 columns["start_positions"].append(start)
@@ -131,6 +135,7 @@ def _features(examples, tokenizer, max_length, doc_stride, batch_size, train: bo
                 features[key] = torch.tensor(parts, dtype=torch.long)
         elif parts:
             features[key] = torch.cat(parts)
+    features["context_mask"] = torch.tensor(context_mask, dtype=torch.bool)
     features["example_index"] = torch.tensor(example_index, dtype=torch.long)
     features["example_id"] = [examples[j].id for j in example_index]
     if not train:
@@ -149,7 +154,8 @@ def prepare_train_features(
 
     Keys: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if the tokenizer has them),
     ``start_positions``, ``end_positions`` (LongTensor [F, max_length] / [F]), ``example_index``
-    (LongTensor [F], position of the feature's example in ``examples``), ``example_id`` (list[str]).
+    (LongTensor [F], position of the feature's example in ``examples``), ``example_id`` (list[str]),
+    ``context_mask`` (BoolTensor [F, max_length], True on context tokens).
     """
     return _features(examples, tokenizer, max_length, doc_stride, batch_size, train=True)
 
@@ -165,7 +171,7 @@ def prepare_eval_features(
 
     Keys: ``input_ids``, ``attention_mask``, ``token_type_ids`` (if the tokenizer has them)
     (LongTensor [F, max_length]), ``example_index`` (LongTensor [F]), ``example_id`` (list[str]),
-    ``offset_mapping`` (list of F lists of max_length ``(char_start, char_end)`` into the context,
+    ``context_mask`` (BoolTensor [F, max_length]), ``offset_mapping`` (list of F lists of max_length ``(char_start, char_end)`` into the context,
     ``None`` for every token that is not context).
     """
     return _features(examples, tokenizer, max_length, doc_stride, batch_size, train=False)

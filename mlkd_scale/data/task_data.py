@@ -76,7 +76,14 @@ class TaskData:
 
 
 def load_task_data(spec: TaskSpec, tokenizer, with_augmented: bool = True) -> TaskData:
-    """Read and encode the task's train and dev splits (and the augmentation cache, for Stage 1)."""
+    """Read and encode the task's train and dev splits (and the augmentation cache, for Stage 1).
+
+    SQuAD tasks are read and cut into windows by :func:`~mlkd_scale.data.squad_task.load_squad_task_data`.
+    """
+    if spec.is_squad:
+        from mlkd_scale.data.squad_task import load_squad_task_data
+
+        return load_squad_task_data(spec, tokenizer)
     task = get_task(spec.name)
 
     def encode(examples: list[GlueExample]) -> EncodedSplit:

@@ -5,6 +5,10 @@ calls (a rank whose share ran out repeats a row and drops the result), because a
 gathers its parameters collectively in each forward. Predictions travel to rank 0, which puts
 them back in dataset order and computes the official GLUE metrics; the metrics are then broadcast,
 so every rank takes the same best-checkpoint decision.
+
+SQuAD dev splits (:class:`~mlkd_scale.data.squad_task.SquadDevSplit`) hold windows, not examples:
+the prediction of a window is its ``[2, L]`` start/end logits, and the split scores itself
+(post-processing to answer texts, official EM/F1).
 """
 
 from __future__ import annotations
@@ -17,24 +21,25 @@ import torch.distributed as dist
 
 from mlkd_scale.data.glue import GlueTask
 from mlkd_scale.data.glue_metrics import glue_metrics
+from mlkd_scale.data.squad_task import SquadDevSplit
 from mlkd_scale.data.task_data import EncodedSplit
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.module import MODEL_INPUTS
 
-#: ``predict(inputs) -> logits [B, C]`` (or scores ``[B, 1]``) for a batch of model inputs.
+#: ``predict(inputs) -> logits [B, C]`` (scores ``[B, 1]``; SQuAD ``[B, 2, L]``) for a batch of model inputs.
 PredictFn = Callable[[dict], torch.Tensor]
 
 
 @torch.no_grad()
 def gather_predictions(predict: PredictFn, split: EncodedSplit, batch_size: int, info: DistInfo) -> torch.Tensor | None:
-    """The ``[N, C]`` fp32 predictions of the whole split on rank 0 (None elsewhere)."""
+    """The ``[N, ...]`` fp32 predictions of the whole split on rank 0 (None elsewhere)."""
     mine = list(range(info.rank, len(split), info.world_size))
     batches = math.ceil(math.ceil(len(split) / info.world_size) / batch_size)
     outputs = []
     for b in range(batches):
         rows = mine[b * batch_size : (b + 1) * batch_size]
         batch = split.batch(rows or [0], info.device)
-        logits = predict({k: batch[k] for k in MODEL_INPUTS}).float()
+        logits = predict({k: batch[k] for k in MODEL_INPUTS if k in batch}).float()
         if rows:
             outputs.append(logits.cpu())
     local = torch.cat(outputs) if outputs else torch.empty(0)
@@ -45,8 +50,8 @@ def gather_predictions(predict: PredictFn, split: EncodedSplit, batch_size: int,
         parts = [local]
     if not info.is_main:
         return None
-    width = next(p.shape[-1] for p in parts if p.numel())
-    ordered = torch.empty(len(split), width)
+    shape = next(p.shape[1:] for p in parts if p.numel())
+    ordered = torch.empty(len(split), *shape)
     for rank, part in enumerate(parts):
         if part.numel():
             ordered[rank :: info.world_size] = part
@@ -60,7 +65,9 @@ def evaluate(
     results: dict[str, dict[str, float]] = {}
     for name, split in dev.items():
         predictions = gather_predictions(predict, split, batch_size, info)
-        if info.is_main:
+        if info.is_main and isinstance(split, SquadDevSplit):
+            results[name] = split.score(predictions)
+        elif info.is_main:
             results[name] = glue_metrics(task, predictions, split.labels)
     if dist.is_initialized() and info.world_size > 1:
         box = [results]

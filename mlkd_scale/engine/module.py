@@ -16,7 +16,8 @@ class DistillationModule(nn.Module):
     """``student`` and ``objective`` as children, so both are optimised and checkpointed together.
 
     The teacher's features are an input of :meth:`forward`: the teacher lives outside this module,
-    outside the optimizer and outside every checkpoint.
+    outside the optimizer and outside every checkpoint. ``batch`` holds the model inputs and, for
+    SQuAD, ``span_mask`` (the positions the start/end distributions are distilled over).
     """
 
     def __init__(self, student: PreTrainedModel, objective: DistillationObjective):
@@ -29,4 +30,6 @@ class DistillationModule(nn.Module):
         self, batch: dict[str, torch.Tensor], teacher_features: Features, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student_features = self._tap(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        return self.objective(teacher_features, student_features, batch.get("attention_mask"), labels)
+        return self.objective(
+            teacher_features, student_features, batch.get("attention_mask"), labels, batch.get("span_mask")
+        )

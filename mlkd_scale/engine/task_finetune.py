@@ -7,6 +7,10 @@ stage named ``finetune`` of the task machinery — same engine, checkpoints, res
 and best-checkpoint pinning — with the budget ``task.finetune``, and exports the best checkpoint
 by the task's main metric to ``<output_dir>/teacher`` (``AutoModelForSequenceClassification``
 loads it; ``eval_results.json`` holds its dev metrics).
+
+SQuAD: the head is a question-answering head (``AutoModelForQuestionAnswering`` loads the export),
+the loss the mean of the start and end cross-entropies (:mod:`mlkd_scale.engine.qa_head`), and
+checkpoints are selected on dev F1 (or EM, ``task.squad.selection_metric``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.engine.qa_head import SpanSupervisedModule, qa_model_for_finetuning
 from mlkd_scale.engine.task_run import (
     export_best,
     label_config,
@@ -28,6 +34,7 @@ from mlkd_scale.engine.task_run import (
     print_stopped,
 )
 from mlkd_scale.engine.task_stage import StageSetup, TaskStage
+from mlkd_scale.models.taps import head_logits
 from mlkd_scale.spec import RunSpec
 
 NAME = "finetune"
@@ -60,14 +67,19 @@ def run_finetune(spec: RunSpec, stop_after_steps: int | None = None, dist: DistI
     result = ctx.read_result(NAME)
     if result is None:
         deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # the same fresh head on every rank
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.teacher.path, dtype=torch.float32, ignore_mismatched_sizes=True, **label_config(ctx.task)
-        )
+        if is_squad_task(ctx.task):
+            model = qa_model_for_finetuning(spec.teacher.path)
+            module = SpanSupervisedModule(model)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.teacher.path, dtype=torch.float32, ignore_mismatched_sizes=True, **label_config(ctx.task)
+            )
+            module = SupervisedModule(model, ctx.task.is_regression)
         setup = StageSetup(
             name=NAME,
-            module=SupervisedModule(model, ctx.task.is_regression),
+            module=module,
             make_loss=lambda engine: engine,
-            make_predict=lambda engine: (lambda inputs: engine.module.student(**inputs).logits),
+            make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
             train=data.train,
             budget=spec.task.finetune,
             stream=0,

@@ -13,6 +13,12 @@ then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_sta
 A finished stage (its ``result.json``) is skipped on relaunch; an unfinished one resumes exactly.
 At the end the best checkpoint of the last stage (Stage 2 normally), chosen on dev by the task's
 main metric, is exported with its head to ``<output_dir>/student`` with ``eval_results.json``.
+
+SQuAD runs the same stages on doc-stride windows with a QA teacher and student (the student is
+built with the teacher's class, ``...ForQuestionAnswering``): Stage 1 unchanged; Stage 2 distils
+the start and end distributions over [CLS] and the context tokens (``span_mask``), with L_SS on
+[CLS] and L_SC off (no class labels; see :mod:`mlkd_scale.losses.objective`). Dev scores are the
+official EM/F1 after post-processing, checkpoints are selected on F1 (or EM).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from mlkd_scale.data.glue import GlueTask, teacher_label_order
+from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.engine.checkpoint import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.engine.qa_head import load_qa_teacher
 from mlkd_scale.engine.task_run import (
     cached_dev_metrics,
     export_best,
@@ -45,6 +53,7 @@ from mlkd_scale.engine.task_stage import (
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_layer_mapping
+from mlkd_scale.models.taps import head_logits
 from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.spec import RunSpec, SpecError
 
@@ -118,15 +127,21 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
     """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
     ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
     task, device = ctx.task, ctx.dist.device
-    teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
+    qa = is_squad_task(task)
+    if qa:
+        teacher, order = load_qa_teacher(spec.teacher.path, spec.teacher.dtype), None
+    else:
+        teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
     placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
     ctx.print(placed_teacher.describe())
 
     def teacher_logits(inputs: dict) -> torch.Tensor:
-        logits = teacher(**inputs).logits
+        logits = head_logits(teacher(**inputs))
         return logits if order is None else logits[:, order]
 
     key = {"teacher": str(Path(spec.teacher.path).absolute()), "max_seq_length": spec.task.max_seq_length}
+    if qa:  # windows, post-processing and data all shape the teacher's SQuAD scores
+        key.update(spec.task.model_dump(mode="json", include={"name", "data_dir", "squad"}))
     teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
     ctx.print(metrics_line("teacher", teacher_dev))
     layer_map = resolve_layer_mapping(
@@ -150,7 +165,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
 
         def make_module(student: PreTrainedModel, number: int = number) -> DistillationModule:
             objective = DistillationObjective(
-                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression
+                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression, qa=qa
             )
             if objective.needs_attention_maps:
                 teacher.set_attn_implementation("eager")
@@ -168,11 +183,13 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
 
         def make_loss(engine, tap: FeatureTap = tap):
             def loss(batch: dict):
-                inputs = {k: batch[k] for k in MODEL_INPUTS}
+                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
                 with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
                     features = tap(**inputs)
                 if order is not None and features.logits is not None:
                     features.logits = features.logits[:, order]
+                if qa:  # no class labels; the start/end distributions are taken over span_mask
+                    return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
                 return engine(inputs, features, batch["labels"])
 
             return loss
@@ -181,7 +198,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
             name=name,
             module=module,
             make_loss=make_loss,
-            make_predict=lambda engine: (lambda inputs: engine.module.student(**inputs).logits),
+            make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
             train=train,
             budget=budget,
             stream=number,

@@ -11,12 +11,14 @@ from transformers import logging as hf_logging
 
 from mlkd_scale.data.glue import GlueTask
 from mlkd_scale.data.sources import DataError
+from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.data.task_data import load_task_data
 from mlkd_scale.engine.checkpoint import atomic_write_text
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.task_stage import TaskContext
+from mlkd_scale.models.taps import head_logits
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
 
@@ -46,7 +48,10 @@ def make_context(
 
 
 def label_config(task: GlueTask) -> dict:
-    """Config overrides that give a sequence-classification model the task's labels, in our order."""
+    """Config overrides that give a sequence-classification model the task's labels, in our order
+    (none for SQuAD: a QA head has its fixed two outputs per token)."""
+    if is_squad_task(task):
+        return {}
     if task.is_regression:
         return {"num_labels": 1, "problem_type": "regression"}
     return {
@@ -116,17 +121,20 @@ def evaluate_model_dir(model_dir: str | Path, task_spec, batch_size: int | None 
     """Dev metrics of an exported model directory (teacher or student), in this one process.
 
     ``task_spec`` is a spec's task section (data_dir, max_seq_length); logits are put in our label
-    order via the model's ``id2label``, as the run did.
+    order via the model's ``id2label``, as the run did. SQuAD: the directory is loaded with
+    ``AutoModelForQuestionAnswering`` and scored with the spec's post-processing settings.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     from mlkd_scale.data.glue import teacher_label_order
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_task_data(task_spec, tokenizer, with_augmented=False)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    batch_size = batch_size or task_spec.eval_batch_size
+    if is_squad_task(data.task):
+        qa_model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return evaluate(lambda inputs: head_logits(qa_model(**inputs)), data.dev, data.task, batch_size, info)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
     order = teacher_label_order(data.task, model.config.id2label)
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    return evaluate(
-        lambda inputs: model(**inputs).logits[:, order], data.dev, data.task, batch_size or task_spec.eval_batch_size, info
-    )
+    return evaluate(lambda inputs: model(**inputs).logits[:, order], data.dev, data.task, batch_size, info)

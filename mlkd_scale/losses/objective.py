@@ -11,9 +11,17 @@ of one stage. Presets:
 * ``minilmv2`` — stage 1: Q-Q, K-K, V-V relations over A_r relation heads, one teacher layer into
   the student's last layer; stage 2: KD.
 * ``distilbert`` — stage 1: cosine loss on the last hidden states; stage 2: KD·τ² + cosine.
+
+Question answering (``qa=True``, SQuAD): the logits are the stacked start/end logits ``[B, 2, L]``
+and the prediction loss distils both distributions over the valid positions only (formula in
+:func:`~mlkd_scale.losses.prediction.mask_span_logits`); L_SS works on [CLS] as for GLUE; L_SC
+contrasts samples by class label, which QA has none of, so it is off (a weight > 0 for ``sc`` is
+an error rather than a silent no-op).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -21,7 +29,12 @@ from transformers import PretrainedConfig
 
 from mlkd_scale.losses.contrastive import sample_contrastive_loss
 from mlkd_scale.losses.feature import attention_mse_loss, hidden_cosine_loss, hidden_mse_loss
-from mlkd_scale.losses.prediction import prediction_kd_loss, prediction_mse_loss, soft_cross_entropy_loss
+from mlkd_scale.losses.prediction import (
+    mask_span_logits,
+    prediction_kd_loss,
+    prediction_mse_loss,
+    soft_cross_entropy_loss,
+)
 from mlkd_scale.losses.relation import embedding_relation_loss, mha_relation_loss, sample_similarity_loss
 from mlkd_scale.models.mapping import resolve_layer_mapping
 from mlkd_scale.models.taps import Features, TapRequest
@@ -38,8 +51,10 @@ PRESET_TERMS: dict[str, dict[int, tuple[str, ...]]] = {
 class DistillationObjective(nn.Module):
     """Weighted sum of one preset's loss terms for one stage; holds the trainable projections.
 
-    ``forward(teacher_features, student_features, attention_mask, labels)`` returns
+    ``forward(teacher_features, student_features, attention_mask, labels, span_mask)`` returns
     ``(total, terms)`` where ``terms`` maps each active term name to its detached, unweighted value.
+    ``span_mask`` (QA only) marks the positions the start/end distributions are taken over; without
+    one, QA uses the attention mask (every non-padding token).
     """
 
     def __init__(
@@ -49,6 +64,7 @@ class DistillationObjective(nn.Module):
         student_config: PretrainedConfig,
         stage: int = 1,
         regression: bool = False,
+        qa: bool = False,
     ):
         super().__init__()
         if stage not in (1, 2):
@@ -56,6 +72,7 @@ class DistillationObjective(nn.Module):
         self.spec = losses
         self.stage = stage
         self.regression = regression
+        self.qa = qa
         self.d_teacher = teacher_config.hidden_size
         self.d_student = student_config.hidden_size
         self.num_student_layers = student_config.num_hidden_layers
@@ -80,6 +97,13 @@ class DistillationObjective(nn.Module):
             )
         terms = PRESET_TERMS[losses.preset][self.stage]
         if self.regression and losses.preset == "mlkd" and losses.regression_contrastive == "off":
+            terms = tuple(t for t in terms if t != "sc")
+        if self.qa:
+            if losses.weights.get("sc", 0.0) > 0:
+                raise ValueError(
+                    "losses.weights: sc (sample-contrastive) needs class labels, which question answering has "
+                    "not; remove 'sc' (it is off for SQuAD by default)"
+                )
             terms = tuple(t for t in terms if t != "sc")
         weights = {t: float(losses.weights.get(t, 1.0)) for t in terms}
         active = {t: w for t, w in weights.items() if w != 0.0}
@@ -195,8 +219,14 @@ class DistillationObjective(nn.Module):
         student: Features,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        span_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = attention_mask if self.spec.mask_padding else None
+        if self.qa and "kd" in self.weights:
+            support = span_mask if span_mask is not None else attention_mask
+            if support is not None:
+                teacher = dataclasses.replace(teacher, logits=mask_span_logits(teacher.logits, support))
+                student = dataclasses.replace(student, logits=mask_span_logits(student.logits, support))
         terms = {name: self._term(name, teacher, student, mask, labels) for name in self.weights}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

@@ -21,6 +21,30 @@ def prediction_kd_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, temperatu
     return kl.mean() * temperature**2
 
 
+#: Logit given to masked positions: exp() of it is exactly 0 in fp32 at any usual temperature, and it
+#: stays finite (an -inf would turn 0 · (-inf) into NaN inside the KL).
+MASKED_LOGIT = -1e9
+
+
+def mask_span_logits(logits: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+    """SQuAD start/end logits ``[B, 2, L]`` in fp32 with every position outside ``span_mask`` ``[B, L]``
+    (True at [CLS] and on the window's context tokens) set to :data:`MASKED_LOGIT`.
+
+    Applied to teacher and student before :func:`prediction_kd_loss` (or
+    :func:`soft_cross_entropy_loss`), the QA prediction loss of Stage 2 is, with M_b the valid
+    positions of window b and softmax_M the softmax over them only::
+
+        L_KD = τ² · 1/(2B) Σ_b Σ_{x ∈ {start, end}} KL( softmax_M(z^T_{b,x} / τ) ‖ softmax_M(z^S_{b,x} / τ) )
+
+    i.e. the start and the end distribution are each distilled over the positions an answer (or
+    "no answer", [CLS]) can point at; padding, question and separator tokens take no part (the
+    teacher's logits there are arbitrary, post-processing never reads them). Soft cross-entropy
+    (the tinybert preset) differs from the KL by the teacher's entropy only, a constant.
+    """
+    keep = span_mask.bool().unsqueeze(1)  # [B, 1, L]: the same positions for start and end
+    return logits.float().masked_fill(~keep, MASKED_LOGIT)
+
+
 @fp32_loss
 def soft_cross_entropy_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """TinyBERT's prediction loss: (1/B) Σ_b −softmax(z^T_b/τ) · log_softmax(z^S_b/τ)."""

@@ -12,7 +12,8 @@ the unmodified modules:
 * ``attentions[n]`` — layer n's attention probabilities (TinyBERT only; needs eager attention)
                                                                                      [B, H, L, L]
 * ``cls``         — the final layer's [CLS] vector (not the tanh pooler)                 [B, d]
-* ``logits``      — the head's logits when the model has one                            [B, C]
+* ``logits``      — the head's logits when the model has one (:func:`head_logits`)      [B, C]
+                    a question-answering head's start and end logits, stacked        [B, 2, L]
 
 Layers are numbered 1..N as in the paper; 0 is the embedding layer. Only what the
 :class:`TapRequest` asks for is hooked and kept, so an objective that needs three layers of the
@@ -80,6 +81,17 @@ def encoder_modules(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
             "base_model.encoder.layer); mlkd_scale taps BERT-like encoders only"
         )
     return embeddings, layers
+
+
+def head_logits(output, model: nn.Module | None = None) -> torch.Tensor:
+    """The prediction of a model output: ``logits`` [B, C], or a QA head's ``stack(start, end)`` [B, 2, L]."""
+    logits = getattr(output, "logits", None)
+    if logits is None and getattr(output, "start_logits", None) is not None:
+        logits = torch.stack([output.start_logits, output.end_logits], dim=1)
+    if logits is None:
+        name = type(model).__name__ if model is not None else "the model"
+        raise ValueError(f"{name} has no prediction head; logits cannot be tapped")
+    return logits
 
 
 class FeatureTap:
@@ -151,12 +163,7 @@ class FeatureTap:
         if r.cls:
             feats.cls = store[("hidden", self._num_layers)][:, 0]
         if r.logits:
-            logits = getattr(output, "logits", None)
-            if logits is None and hasattr(output, "start_logits"):
-                logits = torch.stack([output.start_logits, output.end_logits], dim=1)
-            if logits is None:
-                raise ValueError(f"{type(self.model).__name__} has no prediction head; logits cannot be tapped")
-            feats.logits = logits
+            feats.logits = head_logits(output, self.model)
         return feats
 
     def remove(self) -> None:

@@ -1,0 +1,204 @@
+"""SQuAD v1.1 / v2.0 as a task of teacher fine-tuning and task distillation.
+
+This module joins the SQuAD pipeline (:mod:`mlkd_scale.data.squad`) to the task machinery that
+GLUE uses (:mod:`mlkd_scale.data.task_data`, :mod:`mlkd_scale.engine.task_stage`):
+
+* :func:`squad_task_name` reads any spelling of the task name ('squad', 'SQuAD1.1', 'squad-v2',
+  'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;
+* :class:`SquadTask` plays the part of :class:`~mlkd_scale.data.glue.GlueTask` (name, main metric,
+  dev splits) for the stages, reports and exports;
+* :func:`load_squad_task_data` reads the examples (official JSON files or the hub), cuts long
+  questions to ``task.squad.max_query_length`` tokens, builds doc-stride windows for train and dev
+  and returns them as the same :class:`~mlkd_scale.data.task_data.TaskData` GLUE runs get. Train
+  windows carry ``start_positions``/``end_positions`` ([CLS] for no answer) and ``span_mask``;
+* :class:`SquadDevSplit` scores the start/end logits of its windows: post-processing (n-best,
+  maximum answer length, v2.0 null threshold) and the official EM/F1.
+
+``span_mask`` ([F, L] bool) is True at [CLS] and on the window's context tokens: the positions a
+prediction can point at (an answer's tokens, or [CLS] for "no answer"). Distillation takes the
+start and end distributions over these positions only (:func:`~mlkd_scale.losses.prediction.mask_span_logits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mlkd_scale.data.squad import (
+    CLS_INDEX,
+    SquadDataError,
+    SquadExample,
+    best_threshold,
+    load_squad_hub,
+    postprocess_predictions,
+    prepare_eval_features,
+    prepare_train_features,
+    read_squad_json,
+    squad_metrics,
+)
+from mlkd_scale.data.task_data import EncodedSplit, TaskData
+
+if TYPE_CHECKING:
+    from mlkd_scale.spec import SquadSpec, TaskSpec
+
+#: Official file names per version, in a task.data_dir.
+FILES = {"squad_v1": ("train-v1.1.json", "dev-v1.1.json"), "squad_v2": ("train-v2.0.json", "dev-v2.0.json")}
+HUB = {"squad_v1": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+TRAIN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions", "span_mask")
+EVAL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "span_mask")
+
+
+def squad_task_name(name: str) -> str | None:
+    """``squad_v1`` / ``squad_v2`` for any spelling of a SQuAD version, None for anything else.
+
+    Case, spaces, '-', '_' and '.' are ignored; 'squad' alone is v1.1.
+    """
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    if not key.startswith("squad"):
+        return None
+    version = key.removeprefix("squad").removeprefix("v")
+    if version in ("", "1", "11"):
+        return "squad_v1"
+    if version in ("2", "20"):
+        return "squad_v2"
+    return None
+
+
+@dataclass(frozen=True)
+class SquadTask:
+    """The task-level facts the stages and reports read (the GLUE runs read them off a GlueTask)."""
+
+    name: str  # "squad_v1" or "squad_v2"
+    main_metric: str  # "f1" or "exact": selects checkpoints (fixed null threshold)
+    dev_splits: tuple[str, ...] = ("validation",)
+    is_regression: bool = False
+
+    @property
+    def version_2(self) -> bool:
+        return self.name == "squad_v2"
+
+
+def is_squad_task(task) -> bool:
+    return isinstance(task, SquadTask)
+
+
+def get_squad_task(spec: TaskSpec) -> SquadTask:
+    return SquadTask(spec.name, spec.squad.selection_metric)
+
+
+def read_split(spec: TaskSpec, split: str) -> list[SquadExample]:
+    """The examples of ``split`` ('train' or 'validation'): the given file, the data_dir's file, or the hub."""
+    train_name, dev_name = FILES[spec.name]
+    given = spec.squad.train_file if split == "train" else spec.squad.dev_file
+    if given is None and spec.data_dir is not None:
+        given = str(Path(spec.data_dir).expanduser() / (train_name if split == "train" else dev_name))
+        if not Path(given).is_file():
+            field = "train_file" if split == "train" else "dev_file"
+            raise SquadDataError(
+                f"task.data_dir: {spec.data_dir} has no {Path(given).name}; put the official file there or "
+                f"name the file with task.squad.{field}"
+            )
+    examples = read_squad_json(given) if given is not None else load_squad_hub(HUB[spec.name], split)
+    if spec.name == "squad_v1":
+        impossible = next((e.id for e in examples if e.is_impossible), None)
+        if impossible is not None:
+            raise SquadDataError(
+                f"{given or HUB[spec.name]}: question {impossible!r} has no answer, which SQuAD v1.1 does not "
+                "allow; this is v2.0 data: set task.name to squad_v2"
+            )
+    return examples
+
+
+def limit_questions(examples: list[SquadExample], tokenizer, max_query_length: int) -> list[SquadExample]:
+    """The examples with every question cut to its first ``max_query_length`` tokens (BERT's
+    ``run_squad.py`` rule; ``run_qa.py`` has none). The cut is made in the text, at the end of the
+    last kept token, so the features module tokenizes the same pieces again."""
+    questions = [e.question.lstrip() for e in examples]
+    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for example, question, offsets in zip(examples, questions, encoded["offset_mapping"]):
+        if len(offsets) > max_query_length:
+            example = dataclasses.replace(example, question=question[: offsets[max_query_length - 1][1]])
+        out.append(example)
+    return out
+
+
+def _span_mask(features: dict) -> torch.Tensor:
+    mask = features["context_mask"].clone()
+    mask[:, CLS_INDEX] = True
+    return mask
+
+
+@dataclass
+class SquadDevSplit(EncodedSplit):
+    """The dev windows (model inputs) plus what turns their logits into scored answers."""
+
+    examples: list[SquadExample] = dataclasses.field(default_factory=list)
+    features: dict = dataclasses.field(default_factory=dict)  # example_index, offset_mapping
+    settings: SquadSpec | None = None
+    version_2: bool = False
+
+    def score(self, logits: torch.Tensor) -> dict[str, float]:
+        """Official metrics (percent) from the ``[F, 2, L]`` start/end logits of every window.
+
+        ``exact``/``f1`` (v2.0: and ``HasAns_*``/``NoAns_*``) with the fixed null threshold; v2.0 also
+        ``best_exact``/``best_f1`` and their thresholds, tuned on this dev set.
+        """
+        s = self.settings
+        preds = postprocess_predictions(
+            self.examples, self.features, logits[:, 0], logits[:, 1], s.n_best, s.max_answer_length,
+            self.version_2, s.null_score_threshold,
+        )
+        metrics = squad_metrics(preds.answers, self.examples, self.version_2)
+        if self.version_2:
+            for name in ("exact", "f1"):
+                best, threshold = best_threshold(preds.non_null_answers, preds.null_diffs, self.examples, name)
+                metrics[f"best_{name}"], metrics[f"best_{name}_thresh"] = best, threshold
+        return {key: float(value) for key, value in metrics.items()}
+
+
+@dataclass
+class SquadTaskData(TaskData):
+    """TaskData whose splits are windows; ``describe`` counts questions and windows."""
+
+    train_questions: int = 0
+
+    def describe(self) -> str:
+        dev = self.dev["validation"]
+        return (
+            f"task {self.task.name}: train {self.train_questions:,} questions in {len(self.train):,} windows, "
+            f"dev {len(dev.examples):,} questions in {len(dev):,} windows"
+        )
+
+
+def load_squad_task_data(spec: TaskSpec, tokenizer) -> SquadTaskData:
+    """Train and dev windows of a SQuAD task (Stage 1 trains on the same windows as Stage 2)."""
+    task = get_squad_task(spec)
+    settings = spec.squad
+    window = {"max_length": spec.max_seq_length, "doc_stride": settings.doc_stride}
+
+    def examples(split: str) -> list[SquadExample]:
+        return limit_questions(read_split(spec, split), tokenizer, settings.max_query_length)
+
+    train_examples = examples("train")
+    feats = prepare_train_features(train_examples, tokenizer, **window)
+    feats["span_mask"] = _span_mask(feats)
+    train = EncodedSplit({k: feats[k] for k in TRAIN_KEYS if k in feats}, feats["example_id"])
+
+    dev_examples = examples("validation")
+    dev_feats = prepare_eval_features(dev_examples, tokenizer, **window)
+    dev_feats["span_mask"] = _span_mask(dev_feats)
+    dev = SquadDevSplit(
+        {k: dev_feats[k] for k in EVAL_KEYS if k in dev_feats},
+        dev_feats["example_id"],
+        examples=dev_examples,
+        features={k: dev_feats[k] for k in ("example_index", "offset_mapping")},
+        settings=settings,
+        version_2=task.version_2,
+    )
+    return SquadTaskData(task, train, train, {"validation": dev}, train_questions=len(train_examples))
