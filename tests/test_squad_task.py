@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -235,26 +234,6 @@ def test_sample_contrastive_for_qa_is_an_error() -> None:
 
 
 # ----------------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def world():
-    """A process group of one for this module (as in test_task_kd.py)."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    torch.set_num_threads(1)
-    from mlkd_scale.engine.distributed import init_distributed
-
-    info = init_distributed()
-    yield info
-    import deepspeed.comm.comm as ds_comm
-
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    ds_comm.cdb = None
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
 
 
 def _check_export(out_dir: Path, spec_path: Path, stage: str) -> dict:

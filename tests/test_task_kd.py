@@ -7,7 +7,6 @@ tiny task teacher; the multi-rank launcher path is in ``test_task_launcher.py``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -34,26 +33,6 @@ from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import load_spec
 
 ALL_TASKS = [task.name for task in TASKS.values()]
-
-
-@pytest.fixture(scope="module")
-def world():
-    """A process group of one for this module; torn down (and the environment restored) afterwards."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other
-    from mlkd_scale.engine.distributed import init_distributed
-
-    info = init_distributed()
-    yield info
-    import deepspeed.comm.comm as ds_comm
-
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    ds_comm.cdb = None
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
 
 
 def _run(spec_path: Path, world, capsys, stop: int | None = None) -> tuple[dict, str]:
