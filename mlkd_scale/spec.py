@@ -372,6 +372,13 @@ class TrainSpec(StrictModel):
         description="Mixed precision of the student. If not set here, a bf16/fp16 section of the DeepSpeed "
         "config decides.",
     )
+    compile: Literal["off", "objective", "all"] = Field(
+        "off",
+        description="torch.compile: 'objective' compiles the losses and projections (the relation "
+        "softmax/KL and MSE work fused into fewer kernels), 'all' also the student and a replicated "
+        "teacher. The first steps then spend minutes compiling; compare with benchmarks/throughput.py "
+        "--compile on your hardware before a long run.",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2,
         description="ZeRO stage of the student's engine. If not set here, the DeepSpeed config's "

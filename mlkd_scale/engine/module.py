@@ -33,3 +33,18 @@ class DistillationModule(nn.Module):
         return self.objective(
             teacher_features, student_features, batch.get("attention_mask"), labels, batch.get("span_mask")
         )
+
+
+def compile_for_speed(mode: str, teacher: nn.Module, module: DistillationModule, teacher_placement: str) -> None:
+    """Apply ``train.compile`` in place (``nn.Module.compile``: state-dict keys stay the same).
+
+    'objective' compiles the losses and projections; 'all' also the student and, when it is
+    replicated, the teacher (a ZeRO-3 teacher gathers its parameters in hooks that are left eager).
+    """
+    if mode == "off":
+        return
+    module.objective.compile()
+    if mode == "all":
+        module.student.compile()
+        if teacher_placement == "replicate":
+            teacher.compile()

@@ -33,7 +33,7 @@ from mlkd_scale.data.glue import GlueTask, teacher_label_order
 from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.engine.checkpoint import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.qa_head import load_qa_teacher
 from mlkd_scale.engine.task_run import (
     cached_dev_metrics,
@@ -170,7 +170,9 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
             if objective.needs_attention_maps:
                 teacher.set_attn_implementation("eager")
                 student.set_attn_implementation("eager")
-            return DistillationModule(student, objective)
+            module = DistillationModule(student, objective)
+            compile_for_speed(spec.train.compile, teacher, module, spec.teacher.placement)
+            return module
 
         try:
             if number == 2 and "stage1" in results:

@@ -23,7 +23,7 @@ from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, r
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
-from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
@@ -65,6 +65,7 @@ class Trainer:
         self.teacher = self.placed_teacher.model
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
+        compile_for_speed(spec.train.compile, self.teacher, module, spec.teacher.placement)
         self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
         self.stream = open_stream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
         self.checkpoints = CheckpointManager(
