@@ -258,6 +258,14 @@ class DataSpec(StrictModel):
     shuffle_buffer: int = Field(
         1000, ge=0, description="Documents held in the shuffle buffer (saved in checkpoints); 0 = no shuffle."
     )
+    stream_shards: int | None = Field(
+        None,
+        ge=1,
+        description="Fixed number of data shards the corpus is split into, whatever the world size: rank r "
+        "reads the shards v with v % world_size == r, so a run can resume at another world size (up to this "
+        "many ranks). Unset = the world size of the run's first launch. Fixed for a run (recorded in its "
+        "checkpoints): set it at the start to the largest world size you may resume at.",
+    )
 
 
 class CheckpointSpec(StrictModel):
