@@ -20,9 +20,7 @@ The run must know before it builds its engine, so :func:`prepare_resume` runs fi
   (:func:`derived_seed`), so a resumed run is still reproducible.
 
 DeepSpeed 0.19.8 converts ZeRO stages 1, 2 and 3 (data parallel). ZeRO-0 (no ZeRO) is refused at
-a new world size. DeepSpeed's ZeRO-3 universal load gives every optimizer parameter group the
-hyperparameters of group 0; the weight decay of each group (none on biases and LayerNorm) is put
-back here after the load.
+a new world size. Its ZeRO-3 universal load needs two repairs (:func:`repair_zero3_universal_load`).
 """
 
 from __future__ import annotations
@@ -142,6 +140,23 @@ def convert_to_universal(tag_dir: Path, target: Path) -> None:
     _fsync_dir(tag_dir)
 
 
+def repair_zero3_universal_load(optimizer, weight_decay: list) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (harmless for ZeRO-1/2).
+
+    It gives every parameter group group 0's hyperparameters: the weight decay of each group (none
+    on biases and LayerNorm, :func:`~mlkd_scale.engine.schedule.build_optimizer`) is put back from
+    ``weight_decay``, the values before the load. And it hands one and the same ``step`` tensor to
+    every group's AdamW state, which torch increments in place once per group, so every group
+    after the first would take a wrong bias correction: each group gets its own copy.
+    """
+    for group, value in zip(optimizer.param_groups, weight_decay, strict=True):
+        group["weight_decay"] = value
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 @dataclass
 class Resume:
     """Where a run continues from and how; made by :func:`prepare_resume` before the engine exists."""
@@ -181,8 +196,7 @@ class Resume:
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {self.tag_dir / UNIVERSAL}")
-        for group, value in zip(engine.optimizer.param_groups, weight_decay):
-            group["weight_decay"] = value  # ZeRO-3's universal load copies group 0's into every group
+        repair_zero3_universal_load(engine.optimizer, weight_decay)
         step = client["step"]
         old_ranks = sorted({v % self.saved_world_size for v in range(ckpt.rank, self.num_shards, ckpt.world_size)})
         if ckpt.rank < self.saved_world_size:
