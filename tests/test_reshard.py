@@ -53,7 +53,9 @@ def test_owned_shards_partition_the_shards():
             assert all(o for o in owned)
             assert all(v % world == r for r, o in enumerate(owned) for v in o)
         assert [owned_shards(r, shards, shards) for r in range(shards)] == [[r] for r in range(shards)]
-    with pytest.raises(DataError, match=r"3 ranks but its data is split into 2 stream shards.*data\.stream_shards"):
+    with pytest.raises(
+        DataError, match=r"3 ranks but its data is split into 2 stream shards.*data\.stream_shards"
+    ):
         owned_shards(0, 3, 2)
 
 
@@ -134,9 +136,15 @@ def _fake_checkpoint(ckpt_dir: Path, world_size: int, num_shards: int, zero_file
     """A COMPLETE tag directory with rank_state files (and empty ZeRO shard names), no real weights."""
     tag = ckpt_dir / "step00000002"
     for rank in range(world_size):
-        data = {"kind": "stream_shards", "version": 1, "num_shards": num_shards, "rank": rank,
-                "world_size": world_size, "cursor": 0,
-                "shards": {v: {} for v in owned_shards(rank, world_size, num_shards)}}
+        data = {
+            "kind": "stream_shards",
+            "version": 1,
+            "num_shards": num_shards,
+            "rank": rank,
+            "world_size": world_size,
+            "cursor": 0,
+            "shards": {v: {} for v in owned_shards(rank, world_size, num_shards)},
+        }
         atomic_write(tag / "rank_state" / f"rank{rank:05d}.pt", lambda f, d=data: torch.save({"data": d}, f))
         if zero_files:
             (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
@@ -149,14 +157,21 @@ def test_resume_decisions_and_their_errors(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     fresh = prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 2), _run_spec(tmp_path), zero_stage=2)
     assert (fresh.tag_dir, fresh.num_shards) == (None, 2)
-    assert prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 2), _run_spec(tmp_path, data__stream_shards=4), 2).num_shards == 4
+    assert (
+        prepare_resume(
+            CheckpointManager(ckpt_dir, 2, 0, 2), _run_spec(tmp_path, data__stream_shards=4), 2
+        ).num_shards
+        == 4
+    )
     with pytest.raises(DataError, match="2 ranks but its data is split into 1 stream shards"):
         prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 2), _run_spec(tmp_path, data__stream_shards=1), 2)
 
     _fake_checkpoint(ckpt_dir, world_size=1, num_shards=1)  # a 1-rank run that did not plan to grow
     with pytest.raises(DataError, match="this run has 2 ranks but its data is split into 1 stream shards"):
         prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 2), _run_spec(tmp_path), 2)
-    with pytest.raises(DataError, match=r"data.stream_shards is 2 but .* 1 stream shards, fixed at its first launch"):
+    with pytest.raises(
+        DataError, match=r"data.stream_shards is 2 but .* 1 stream shards, fixed at its first launch"
+    ):
         prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 1), _run_spec(tmp_path, data__stream_shards=2), 2)
     same = prepare_resume(CheckpointManager(ckpt_dir, 2, 0, 1), _run_spec(tmp_path), 2)
     assert not same.reshaped and same.engine_plan("plan") == "plan"
@@ -180,8 +195,13 @@ def test_universal_load_restores_everything(tmp_path, stage):
     from mlkd_scale.plan import resolve_plan
 
     h.init_single_process()
-    spec = _run_spec(tmp_path, train__zero_stage=stage, train__max_steps=10, train__warmup_steps=0,
-                     train__gradient_accumulation_steps=1)
+    spec = _run_spec(
+        tmp_path,
+        train__zero_stage=stage,
+        train__max_steps=10,
+        train__warmup_steps=0,
+        train__gradient_accumulation_steps=1,
+    )
     plan = resolve_plan(spec, 1)
     ckpt = CheckpointManager(tmp_path / "ckpt", 2, 0, 1)
 
@@ -193,8 +213,15 @@ def test_universal_load_restores_everything(tmp_path, stage):
     for i in range(2):
         h.train_step(a, h.batch(i))
     client = {"step": 2, "tokens_seen": 64, "loss_history": [[1, 3.0], [2, 2.5]]}
-    data_state = {"kind": "stream_shards", "version": 1, "num_shards": 1, "rank": 0, "world_size": 1,
-                  "cursor": 0, "shards": {0: {"position": 7}}}  # regrouped, not read: any shard state
+    data_state = {
+        "kind": "stream_shards",
+        "version": 1,
+        "num_shards": 1,
+        "rank": 0,
+        "world_size": 1,
+        "cursor": 0,
+        "shards": {0: {"position": 7}},
+    }  # regrouped, not read: any shard state
     rng = capture_rng_state()
     tag = ckpt.save(a, 2, client, {"data": data_state, "rng": rng})
     ensure_universal(tag, 0)
@@ -262,7 +289,9 @@ def _check_against(straight: Path, reshaped: Path, resumed_at: list[int]) -> Non
     ids = [i for batches in got.values() for _, rows in batches for row in rows for i in row]
     assert len(ids) > 40 and len(ids) == len(set(ids)), "a document was trained on twice"
 
-    scalars = {name: read_scalars(d / "tensorboard") for name, d in (("straight", straight), ("got", reshaped))}
+    scalars = {
+        name: read_scalars(d / "tensorboard") for name, d in (("straight", straight), ("got", reshaped))
+    }
     lr = {name: [v for _, v in s["train/lr"]] for name, s in scalars.items()}
     assert lr["got"] == pytest.approx(lr["straight"], rel=1e-6)  # the schedule continues where it was
     loss = {name: [v for _, v in s["loss/total"]] for name, s in scalars.items()}
@@ -298,8 +327,16 @@ def test_two_to_one_to_two_ranks_zero2(tmp_path, assets, straight):
 @pytest.mark.launcher
 def test_one_to_two_ranks_zero3(tmp_path, assets, straight):
     """ZeRO-3: 1 rank with data.stream_shards 2 (accumulation 4) to step 3, then 2 ranks to the end."""
-    first = _launch(tmp_path, assets, 1, "--stop_after_steps", "3", train__zero_stage=3,
-                    train__gradient_accumulation_steps=4, data__stream_shards=2)
+    first = _launch(
+        tmp_path,
+        assets,
+        1,
+        "--stop_after_steps",
+        "3",
+        train__zero_stage=3,
+        train__gradient_accumulation_steps=4,
+        data__stream_shards=2,
+    )
     assert "stopped (resumable) at step 3" in first.stdout
     second = _launch(tmp_path, assets, 2, train__zero_stage=3, data__stream_shards=2)
     assert "step00000003 at step 3" in second.stdout and "run finished at step 6" in second.stdout

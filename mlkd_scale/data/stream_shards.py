@@ -82,11 +82,15 @@ def regroup(old: Mapping[int, dict], rank: int, world_size: int) -> dict:
         sizes.add(num_shards)
         for v, shard_state in states.items():
             if v in shards:
-                raise DataError(f"stream shard {v} is saved twice (again by rank {old_rank}); the checkpoint is damaged")
+                raise DataError(
+                    f"stream shard {v} is saved twice (again by rank {old_rank}); the checkpoint is damaged"
+                )
             shards[v] = shard_state
     if len(sizes) != 1:
-        raise DataError(f"the saved data states disagree on the number of stream shards ({sorted(sizes)}); "
-                        "the checkpoint is damaged")
+        raise DataError(
+            f"the saved data states disagree on the number of stream shards ({sorted(sizes)}); "
+            "the checkpoint is damaged"
+        )
     num_shards = sizes.pop()
     mine = owned_shards(rank, world_size, num_shards)
     missing = [v for v in mine if v not in shards]
@@ -114,7 +118,9 @@ class ShardedStream:
     :meth:`stats`, :meth:`state_dict`, :meth:`load_state_dict`.
     """
 
-    def __init__(self, data_spec: DataSpec, tokenizer, rank: int, world_size: int, seed: int, num_shards: int):
+    def __init__(
+        self, data_spec: DataSpec, tokenizer, rank: int, world_size: int, seed: int, num_shards: int
+    ):
         self.rank, self.world_size, self.num_shards = rank, world_size, num_shards
         self.shards = owned_shards(rank, world_size, num_shards)
         self.streams = {v: PackedStream(data_spec, tokenizer, v, num_shards, seed) for v in self.shards}

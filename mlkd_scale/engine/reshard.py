@@ -195,10 +195,14 @@ class Resume:
             str(self.tag_dir), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {self.tag_dir / UNIVERSAL}")
+            raise CheckpointError(
+                f"DeepSpeed could not load the universal checkpoint {self.tag_dir / UNIVERSAL}"
+            )
         repair_zero3_universal_load(engine.optimizer, weight_decay)
         step = client["step"]
-        old_ranks = sorted({v % self.saved_world_size for v in range(ckpt.rank, self.num_shards, ckpt.world_size)})
+        old_ranks = sorted(
+            {v % self.saved_world_size for v in range(ckpt.rank, self.num_shards, ckpt.world_size)}
+        )
         if ckpt.rank < self.saved_world_size:
             old_ranks = sorted({*old_ranks, ckpt.rank})
         old = {r: read_rank_state(self.tag_dir, r) for r in old_ranks}
