@@ -186,8 +186,10 @@ def test_resume_decisions_and_their_errors(tmp_path):
     assert derived_seed(1, 3, 10) == derived_seed(1, 3, 10) != derived_seed(1, 4, 10)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_universal_load_restores_everything(tmp_path, stage):
+@pytest.mark.parametrize(
+    ("stage", "precision"), [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")]
+)
+def test_universal_load_restores_everything(tmp_path, stage, precision):
     """In one process: save, convert to universal form, load into a fresh engine built with
     load_universal (as at a new world size): weights, optimizer (both AdamW groups, weight decay
     included), lr schedule, client state and RNG come back, and training continues identically."""
@@ -198,6 +200,7 @@ def test_universal_load_restores_everything(tmp_path, stage):
     spec = _run_spec(
         tmp_path,
         train__zero_stage=stage,
+        train__precision=precision,
         train__max_steps=10,
         train__warmup_steps=0,
         train__gradient_accumulation_steps=1,
