@@ -42,7 +42,7 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import set_random_seed
 
 from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.stream_shards import ShardedStream, check_world_size, regroup, shard_states
+from mlkd_scale.data.stream_shards import ShardedStream, check_world_size, owned_shards, regroup, shard_states
 from mlkd_scale.engine.checkpoint import (
     RANK_STATE_DIR,
     CheckpointError,
@@ -189,8 +189,7 @@ class Resume:
         ckpt = self.checkpoints
         if not self.reshaped:
             return ckpt.load(engine, self.tag_dir)
-        groups = engine.optimizer.param_groups
-        weight_decay = [g.get("weight_decay") for g in groups]
+        weight_decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]
         load_path, client = engine.load_checkpoint(
             str(self.tag_dir), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -200,12 +199,13 @@ class Resume:
             )
         repair_zero3_universal_load(engine.optimizer, weight_decay)
         step = client["step"]
-        old_ranks = sorted(
-            {v % self.saved_world_size for v in range(ckpt.rank, self.num_shards, ckpt.world_size)}
-        )
+        # The old rank files holding this rank's shards, and its namesake's (for the RNG).
+        old_ranks = {
+            v % self.saved_world_size for v in owned_shards(ckpt.rank, ckpt.world_size, self.num_shards)
+        }
         if ckpt.rank < self.saved_world_size:
-            old_ranks = sorted({*old_ranks, ckpt.rank})
-        old = {r: read_rank_state(self.tag_dir, r) for r in old_ranks}
+            old_ranks.add(ckpt.rank)
+        old = {r: read_rank_state(self.tag_dir, r) for r in sorted(old_ranks)}
         data = regroup({r: s["data"] for r, s in old.items()}, ckpt.rank, ckpt.world_size)
         if ckpt.rank in old:
             rng = old[ckpt.rank]["rng"]
