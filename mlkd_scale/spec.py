@@ -265,6 +265,15 @@ class DataSpec(StrictModel):
         "input, a global shuffle of all sequences every epoch (shuffle_buffer is then unused), and exact "
         "resume at any world size. None = stream and tokenize the sources during training.",
     )
+    stream_shards: int | None = Field(
+        None,
+        ge=1,
+        description="Fixed number of data shards the corpus is split into, whatever the world size: rank r "
+        "reads the shards v with v % world_size == r, so a run can resume at another world size (up to this "
+        "many ranks). Unset = the world size of the run's first launch. Fixed for a run (recorded in its "
+        "checkpoints): set it at the start to the largest world size you may resume at. Streamed sources only: "
+        "a pretokenized corpus resumes exactly at any world size.",
+    )
 
 
 class CheckpointSpec(StrictModel):

@@ -73,6 +73,11 @@ _DEEPSPEED_KEYS = frozenset(
 )
 
 
+def strip_deepspeed_keys(client_state: dict) -> dict:
+    """What the caller saved as client_state, without the entries DeepSpeed hands back with it."""
+    return {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message says what to do."""
 
@@ -344,8 +349,8 @@ class CheckpointManager:
         if saved_ws != self.world_size:
             raise CheckpointError(
                 f"checkpoint {tag_dir} was saved by {saved_ws} ranks but this run has {self.world_size}; "
-                "resuming at a new world size needs a universal checkpoint (not supported yet): "
-                f"run with {saved_ws} ranks, or start fresh in a new output directory"
+                "resuming at a new world size needs a universal checkpoint (mlkd_scale.engine.reshard, "
+                f"which the general-distillation trainer uses), or run with {saved_ws} ranks"
             )
         rank_file = tag_dir / RANK_STATE_DIR / f"rank{self.rank:05d}.pt"
         if not rank_file.is_file():
@@ -358,7 +363,7 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
         # DeepSpeed hands back its own leftovers too (ds_config, param_shapes, for ZeRO-0 even the
         # whole optimizer state): return exactly what the caller saved.
-        client_state = {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
+        client_state = strip_deepspeed_keys(client_state)
         # Our own file; it holds numpy RNG state and data-loader state, hence weights_only=False.
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
         return client_state, rank_state

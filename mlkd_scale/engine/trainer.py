@@ -18,12 +18,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
-from mlkd_scale.data.stream import open_stream
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
+from mlkd_scale.engine.reshard import prepare_resume
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
@@ -66,14 +66,17 @@ class Trainer:
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
         compile_for_speed(spec.train.compile, self.teacher, module, spec.teacher.placement)
-        self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
-        self.stream = open_stream(spec.data, self.tokenizer, self.dist.rank, self.dist.world_size, spec.run.seed)
         self.checkpoints = CheckpointManager(
             spec.checkpoint.dir or self.output_dir / "checkpoints",
             spec.checkpoint.keep_last,
             self.dist.rank,
             self.dist.world_size,
         )
+        # Before the engine: resuming at a new world size builds it for a universal checkpoint.
+        self.resume_from = prepare_resume(self.checkpoints, spec, self.plan.zero_stage)
+        self.plan = self.resume_from.engine_plan(self.plan)
+        self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
+        self.stream = self.resume_from.open_stream(spec.data, self.tokenizer)
         self.step = 0
         self.tokens_seen = 0
         self.loss_history: list[tuple[int, float]] = []  # (step, total) at each logging step
@@ -105,10 +108,10 @@ class Trainer:
         return {"data": self.stream.state_dict(), "rng": capture_rng_state()}
 
     def _resume(self) -> None:
-        tag_dir = self.checkpoints.resolve_resume(self.spec.checkpoint.resume)
+        tag_dir = self.resume_from.tag_dir
         if tag_dir is None:
             return
-        client, rank_state = self.checkpoints.load(self.engine, tag_dir)
+        client, rank_state = self.resume_from.load(self.engine)
         self.step = client["step"]
         self.tokens_seen = client["tokens_seen"]
         self.loss_history = [tuple(x) for x in client.get("loss_history", [])]
@@ -128,7 +131,8 @@ class Trainer:
     def _next_batch(self) -> dict:
         batch = self.stream.next_batch(self.plan.micro_batch_size)
         if self._sample_log is not None:
-            self._sample_log.write(json.dumps({"step": self.step + 1, "doc_ids": batch["doc_ids"]}) + "\n")
+            line = {"step": self.step + 1, "shard": batch.get("shard"), "doc_ids": batch["doc_ids"]}
+            self._sample_log.write(json.dumps(line) + "\n")
         # Packed sequences are always full, so no attention mask travels: the models then skip
         # building one and the relation losses skip masking ([B, A, L, L] work per layer).
         return {
@@ -241,13 +245,18 @@ class Trainer:
     def _open_sample_log(self):
         """Audit trail of the documents each rank trained on: one JSON line per micro batch.
 
-        On resume, lines of steps after the checkpoint (re-done now) are dropped first.
+        On resume, lines of steps after the checkpoint (re-done now) are dropped first, also from the
+        files of ranks beyond this world size (a run resumed on fewer ranks; rank 0 trims those).
         """
         path = self.output_dir / "sample_ids" / f"rank{self.dist.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        paths = [path]
+        if self.dist.rank == 0:
+            paths += [p for p in path.parent.glob("rank*.jsonl") if int(p.stem[4:]) >= self.dist.world_size]
+        for each in paths:
+            kept = []
+            if each.exists():
+                kept = [line for line in each.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            each.write_text("".join(line + "\n" for line in kept))
         return path.open("a", buffering=1)
 
