@@ -143,3 +143,27 @@ def run_torchrun(spec: Path, ranks: int = 2, timeout: int = 600):
     cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)]
     return subprocess.run(cmd, cwd=spec.parent, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def state_fingerprint(engine) -> dict:
+    """Exact float64 sums of an engine's weights and of every tensor in its optimizer state: equal
+    before and after a step iff (barring a coincidence) the step changed neither."""
+    import torch
+
+    tensors = []
+
+    def collect(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(engine.optimizer.state_dict())
+    return {
+        "params": sum(float(p.detach().double().sum()) for p in engine.module.parameters()),
+        "optimizer": sum(float(t.detach().double().sum()) for t in tensors if t.is_floating_point()),
+    }

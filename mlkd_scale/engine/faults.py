@@ -123,6 +123,13 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     optimizer.overflow = False
 
 
+def ensure_nonfinite_skipping(engine) -> None:
+    """Give ``engine`` DeepSpeed's skip-on-non-finite behaviour where its optimizer lacks it (fp32
+    without ZeRO: a plain torch optimizer, no ``overflow`` attribute)."""
+    if not hasattr(engine.optimizer, "overflow"):
+        skip_nonfinite_steps(engine.optimizer)
+
+
 # ----------------------------------------------------------------------------- the guard
 
 

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from mlkd_scale.engine.faults import poison_nonfinite, skip_nonfinite_steps
+from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
 from mlkd_scale.engine.schedule import build_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec
@@ -37,8 +37,7 @@ def build_engine(module: nn.Module, train: TrainSpec, plan: Plan, device: torch.
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed_config
     )
-    if not hasattr(engine.optimizer, "overflow"):  # fp32 without ZeRO: DeepSpeed does not check
-        skip_nonfinite_steps(engine.optimizer)
+    ensure_nonfinite_skipping(engine)
     return engine, scheduler
 
 

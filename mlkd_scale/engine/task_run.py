@@ -16,6 +16,7 @@ from mlkd_scale.engine.checkpoint import atomic_write_text
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
+from mlkd_scale.engine.faults import RunGuard
 from mlkd_scale.engine.task_stage import TaskContext
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
@@ -34,7 +35,7 @@ def make_context(
         )
     if spec.teacher.placement != "replicate":
         raise SpecError("teacher.placement: 'zero3' (a partitioned teacher) is not available yet; use 'replicate'")
-    info = dist or init_distributed()
+    info = dist or init_distributed(spec.faults.collective_timeout_s)
     plan = resolve_plan(spec, info.world_size)
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
@@ -42,7 +43,7 @@ def make_context(
         data = load_task_data(spec.task, tokenizer, with_augmented=with_augmented)
     except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each
         raise DataError(f"task data: {error}") from None
-    ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps)
+    ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps, RunGuard(spec.faults, info))
     ctx.print(plan.summary(), data.describe())
     return ctx, data
 

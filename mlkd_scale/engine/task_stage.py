@@ -43,6 +43,7 @@ from mlkd_scale.engine.checkpoint import (
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
+from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.loop import (
     LossFn,
     Window,
@@ -88,6 +89,7 @@ class TaskContext:
     tokenizer: object
     dev: dict[str, EncodedSplit]
     stop_after_steps: int | None = None
+    guard: RunGuard | None = None  # preemption and non-finite steps (mlkd_scale/engine/faults.py)
 
     @property
     def output_dir(self) -> Path:
@@ -243,24 +245,40 @@ class TaskStage:
             desc=self.name,
             unit="step",
         )
+        guard = ctx.guard
+        if guard is not None:
+            guard.describe_latest = self.checkpoints.latest_name
         window = Window()
-        while self.step < stop_at:
-            terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
-            self.step += 1
-            self.samples_seen += self.plan.global_batch_size
-            window.add(terms)
-            progress.update(1)
-            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
-                self._log(window, progress)
-                window = Window()
-            evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
-            improved = self._evaluate() if evaluate_now else False
-            if evaluate_now or self.step % spec.checkpoint.every_n_steps == 0 or self.step == stop_at:
-                self._save()
-            if improved:
-                self.checkpoints.mark_best(self.step, {"value": self.best["value"]})
-        progress.close()
-        self.logger.close()
+        checkpoint_due = False
+        try:
+            while self.step < stop_at:
+                terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
+                self.step += 1
+                self.samples_seen += self.plan.global_batch_size
+                window.add(terms)
+                progress.update(1)
+                if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
+                    self._log(window, progress)
+                    window = Window()
+                stop = guard.check_step(self.engine, offset + self.step) if guard is not None else False
+                checkpoint_ok = guard is None or guard.checkpoint_ok
+                evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
+                improved = self._evaluate() if evaluate_now else False
+                checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
+                if stop or evaluate_now or self.step == stop_at or (checkpoint_due and checkpoint_ok):
+                    tag_dir = self._save()
+                    checkpoint_due = False
+                if improved:
+                    self.checkpoints.mark_best(self.step, {"value": self.best["value"]})
+                if stop:
+                    raise guard.preempted(offset + self.step, tag_dir.name)
+        except RuntimeError as error:
+            if guard is not None and is_comm_failure(error):
+                raise guard.peer_failure(error, offset + self.step) from error
+            raise
+        finally:
+            progress.close()
+            self.logger.close()
         finished = self.step >= self.total
         result = self._finish() if finished else None
         return {"step": self.step, "finished": finished, "result": result}

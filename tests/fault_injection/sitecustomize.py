@@ -26,32 +26,17 @@ _FAULTS = json.loads(os.environ.get("MLKD_FAULTS", "{}"))
 
 def _install(faults: dict) -> None:
     import signal
+    import sys
     import time
-
-    import torch
 
     from mlkd_scale.engine import checkpoint, trainer
 
+    if faults.get("fingerprints"):
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+        from run_fixtures import state_fingerprint
+
     rank = int(os.environ["RANK"])
     train_step, loss, atomic_write = trainer.Trainer.train_step, trainer.Trainer._loss, checkpoint.atomic_write
-
-    def fingerprint(engine) -> dict:
-        params = sum(float(p.detach().double().sum()) for p in engine.module.parameters())
-        state = engine.optimizer.state_dict()
-        tensors = []
-
-        def collect(value):
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    collect(v)
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    collect(v)
-
-        collect(state)
-        return {"params": params, "optimizer": sum(float(t.detach().double().sum()) for t in tensors if t.is_floating_point())}
 
     def faulty_train_step(self):
         terms = train_step(self)
@@ -60,7 +45,7 @@ def _install(faults: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if faults.get("fingerprints") and rank == 0:
             with open(faults["fingerprints"], "a") as f:
-                f.write(json.dumps({"step": self.step, **fingerprint(self.engine)}) + "\n")
+                f.write(json.dumps({"step": self.step, **state_fingerprint(self.engine)}) + "\n")
         time.sleep(faults.get("step_sleep_s", 0))
         return terms
 
