@@ -118,6 +118,25 @@ def sample_ids(output_dir: Path) -> list:
     return ids
 
 
+def uninterrupted_ids(spec: Path, ranks: int = 2) -> list:
+    """The document ids an uninterrupted ``ranks``-rank run of ``spec`` trains on, as
+    :func:`sample_ids` reads them: every rank's stream drawn for the plan's steps, in this process."""
+    from mlkd_scale.data.stream import PackedStream
+    from mlkd_scale.plan import resolve_plan
+    from mlkd_scale.spec import load_spec
+
+    run = load_spec(spec)
+    plan = resolve_plan(run, ranks)
+    tokenizer = AutoTokenizer.from_pretrained(run.teacher.path)
+    ids = []
+    for rank in range(ranks):
+        stream = PackedStream(run.data, tokenizer, rank, ranks, run.run.seed)
+        for _ in range(plan.total_steps * plan.gradient_accumulation_steps):
+            for row in stream.next_batch(plan.micro_batch_size)["doc_ids"]:
+                ids.extend(row)
+    return ids
+
+
 def run_two_nodes(spec: Path, timeout: int = 600) -> list:
     """Two "nodes" on this machine: a 2-line hostfile and one ``deepspeed --no_ssh`` per node rank."""
     hostfile = spec.parent / "hostfile"

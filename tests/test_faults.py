@@ -19,10 +19,10 @@ from run_fixtures import (
     make_corpus,
     make_spec,
     make_teacher,
-    run_launcher,
     sample_ids,
     start_launcher,
     state_fingerprint,
+    uninterrupted_ids,
 )
 
 from mlkd_scale.engine.checkpoint import is_complete, tag_for
@@ -86,11 +86,9 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_ids(assets, tmp_path_factory):
-    """The documents an uninterrupted run trains on."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = run_launcher(make_spec(root, *assets, **SPEC))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ids = sample_ids(root / "out")
+    """The documents an uninterrupted run trains on (each rank's stream drawn in this process;
+    test_general_kd checks that a launched run trains on exactly these)."""
+    ids = uninterrupted_ids(make_spec(tmp_path_factory.mktemp("reference"), *assets, **SPEC))
     assert len(ids) == len(set(ids)) > 50
     return ids
 
@@ -195,14 +193,17 @@ def test_rank_killed_in_training_and_in_a_checkpoint_write(tmp_path, assets, ref
     spec = _spec(tmp_path, assets)
     out = tmp_path / "out"
 
-    proc = start_launcher(spec, faults={"kill_at_step": {"rank": 1, "step": 5}})
+    marker = tmp_path / "killed_at"
+    proc = start_launcher(spec, faults={"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)})
     assert proc.wait(timeout=600) != 0
+    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
     assert _latest(out) == tag_for(3)
     log = _log(tmp_path)
     assert "lost the other ranks" in log or "received SIGTERM" in log, log[-3000:]
 
-    proc = start_launcher(spec, faults={"kill_in_save": {"rank": 1, "step": 6}})
+    proc = start_launcher(spec, faults={"kill_in_save": {"rank": 1, "step": 6}, "kill_marker": str(marker)})
     assert proc.wait(timeout=600) != 0
+    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
     assert _latest(out) == tag_for(3), "latest moved to a checkpoint a rank did not finish"
     assert (out / "checkpoints" / tag_for(6)).is_dir() and not is_complete(out / "checkpoints" / tag_for(6))
 

@@ -16,7 +16,6 @@ from mlkd_scale.engine.checkpoint import atomic_write_text
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
-from mlkd_scale.engine.faults import RunGuard
 from mlkd_scale.engine.task_stage import TaskContext
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
@@ -43,7 +42,7 @@ def make_context(
         data = load_task_data(spec.task, tokenizer, with_augmented=with_augmented)
     except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each
         raise DataError(f"task data: {error}") from None
-    ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps, RunGuard(spec.faults, info))
+    ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps)
     ctx.print(plan.summary(), data.describe())
     return ctx, data
 

@@ -89,7 +89,6 @@ class TaskContext:
     tokenizer: object
     dev: dict[str, EncodedSplit]
     stop_after_steps: int | None = None
-    guard: RunGuard | None = None  # preemption and non-finite steps (mlkd_scale/engine/faults.py)
 
     @property
     def output_dir(self) -> Path:
@@ -159,6 +158,7 @@ class TaskStage:
             ctx.checkpoint_dir(self.name), spec.checkpoint.keep_last, info.rank, info.world_size
         )
         self.checkpoints.save_hf_meta(hf_model, ctx.tokenizer)
+        self.guard = RunGuard(spec.faults, info, self.checkpoints.latest_name)  # preemption, non-finite steps
         self.step = 0
         self.samples_seen = 0
         self.loss_history: list[tuple[int, float]] = []
@@ -245,9 +245,7 @@ class TaskStage:
             desc=self.name,
             unit="step",
         )
-        guard = ctx.guard
-        if guard is not None:
-            guard.describe_latest = self.checkpoints.latest_name
+        guard = self.guard
         window = Window()
         checkpoint_due = False
         try:
@@ -260,12 +258,11 @@ class TaskStage:
                 if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
                     self._log(window, progress)
                     window = Window()
-                stop = guard.check_step(self.engine, offset + self.step) if guard is not None else False
-                checkpoint_ok = guard is None or guard.checkpoint_ok
+                stop = guard.check_step(self.engine, offset + self.step)
                 evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
                 improved = self._evaluate() if evaluate_now else False
                 checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
-                if stop or evaluate_now or self.step == stop_at or (checkpoint_due and checkpoint_ok):
+                if stop or evaluate_now or self.step == stop_at or (checkpoint_due and guard.checkpoint_ok):
                     tag_dir = self._save()
                     checkpoint_due = False
                 if improved:
@@ -273,12 +270,13 @@ class TaskStage:
                 if stop:
                     raise guard.preempted(offset + self.step, tag_dir.name)
         except RuntimeError as error:
-            if guard is not None and is_comm_failure(error):
+            if is_comm_failure(error):
                 raise guard.peer_failure(error, offset + self.step) from error
             raise
         finally:
             progress.close()
             self.logger.close()
+            guard.close()
         finished = self.step >= self.total
         result = self._finish() if finished else None
         return {"step": self.step, "finished": finished, "result": result}

@@ -8,6 +8,7 @@ faults wrap library functions from the outside. Keys (all optional):
 ``step_sleep_s``            seconds to sleep after every optimizer step (slows a run so a test can
                             signal it mid-way)
 ``kill_at_step``            ``{"rank": r, "step": s}``: SIGKILL rank r right after optimizer step s
+``kill_marker``             a file: the killed rank writes the time (``time.time()``) before dying
 ``kill_in_save``            ``{"rank": r, "step": s}``: SIGKILL rank r while it writes its rank_state
                             file of checkpoint s (its DeepSpeed shards are already on disk)
 ``slow_save_s``             ``{"rank": r, "seconds": t}``: rank r sleeps t seconds before writing
@@ -38,11 +39,17 @@ def _install(faults: dict) -> None:
     rank = int(os.environ["RANK"])
     train_step, loss, atomic_write = trainer.Trainer.train_step, trainer.Trainer._loss, checkpoint.atomic_write
 
+    def die():
+        if faults.get("kill_marker"):
+            with open(faults["kill_marker"], "w") as f:
+                f.write(str(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def faulty_train_step(self):
         terms = train_step(self)
         kill = faults.get("kill_at_step")
         if kill and kill["rank"] == rank and kill["step"] == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
         if faults.get("fingerprints") and rank == 0:
             with open(faults["fingerprints"], "a") as f:
                 f.write(json.dumps({"step": self.step, **state_fingerprint(self.engine)}) + "\n")
@@ -62,7 +69,7 @@ def _install(faults: dict) -> None:
             kill = faults.get("kill_in_save")
             tag = os.path.basename(os.path.dirname(os.path.dirname(str(path))))
             if kill and kill["rank"] == rank and tag == checkpoint.tag_for(kill["step"]):
-                os.kill(os.getpid(), signal.SIGKILL)
+                die()
             slow = faults.get("slow_save_s")
             if slow and slow["rank"] == rank:
                 time.sleep(slow["seconds"])
