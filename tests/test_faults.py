@@ -101,8 +101,13 @@ def _latest(out) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-def _log(tmp_path) -> str:
-    return (tmp_path / "launcher.log").read_text()
+def _start(spec, phase: str, faults=None):
+    """start_launcher with its output in ``<spec dir>/<phase>.log`` (read back with :func:`_log`)."""
+    return start_launcher(spec, faults=faults, log=spec.parent / f"{phase}.log")
+
+
+def _log(tmp_path, phase: str) -> str:
+    return (tmp_path / f"{phase}.log").read_text()
 
 
 def _started_step(out) -> int:
@@ -129,9 +134,9 @@ def _ranks(proc) -> list[psutil.Process]:
 def _finish(tmp_path, spec, reference_ids, resumed_from: str) -> None:
     """Relaunch without faults: it resumes from ``resumed_from`` and trains exactly the documents of
     an uninterrupted run, none lost, none twice."""
-    proc = start_launcher(spec, log=tmp_path / "final.log")
-    assert proc.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
-    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / resumed_from}" in (tmp_path / "final.log").read_text()
+    proc = _start(spec, "final")
+    assert proc.wait(timeout=600) == 0, _log(tmp_path, "final")[-3000:]
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / resumed_from}" in _log(tmp_path, "final")
     ids = sample_ids(tmp_path / "out")
     assert len(ids) == len(set(ids)), "a document was trained on twice"
     assert sorted(ids) == sorted(reference_ids), "documents were lost or added by the interruptions"
@@ -147,7 +152,7 @@ def test_preemption(tmp_path, assets, reference_ids):
 
     # 1. SIGTERM to the `deepspeed` runner: it dies at once without telling launch.py; the ranks
     # notice, agree on a step, checkpoint and exit.
-    proc = start_launcher(spec, faults={"step_sleep_s": 1.0})
+    proc = _start(spec, "runner_sigterm", {"step_sleep_s": 1.0})
     _wait_for_step(proc, out, 3)
     ranks = _ranks(proc)
     signalled = time.monotonic()
@@ -159,29 +164,29 @@ def test_preemption(tmp_path, assets, reference_ids):
     first = _latest(out)
     stopped_at = int(first[4:])
     assert 3 <= stopped_at < STEPS - 4 and is_complete(out / "checkpoints" / first)
-    assert f"checkpoint {first} written" in _log(tmp_path)
+    assert f"checkpoint {first} written" in _log(tmp_path, "runner_sigterm")
 
     # 2. SIGTERM to every rank directly: exit status 75 through launch.py and the runner.
-    proc = start_launcher(spec, faults={"step_sleep_s": 1.0})
+    proc = _start(spec, "ranks_sigterm", {"step_sleep_s": 1.0})
     _wait_for_step(proc, out, stopped_at + 1)
     signalled = time.monotonic()
     for rank in _ranks(proc):
         rank.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=grace + 30) == EXIT_PREEMPTED, _log(tmp_path)[-3000:]
+    assert proc.wait(timeout=grace + 30) == EXIT_PREEMPTED, _log(tmp_path, "ranks_sigterm")[-3000:]
     assert time.monotonic() - signalled < grace + 15
     second = _latest(out)
     assert stopped_at < int(second[4:]) < STEPS - 1 and is_complete(out / "checkpoints" / second)
 
     # 3. SIGTERM to rank 0 only, with rank 1's checkpoint write slower than the grace period: both
     # exit with 76 at the deadline and `latest` keeps the previous checkpoint.
-    proc = start_launcher(spec, faults={"step_sleep_s": 1.0, "slow_save_s": {"rank": 1, "seconds": 120}})
+    proc = _start(spec, "grace_expired", {"step_sleep_s": 1.0, "slow_save_s": {"rank": 1, "seconds": 120}})
     _wait_for_step(proc, out, int(second[4:]) + 1)
     signalled = time.monotonic()
     _ranks(proc)[0].send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=grace + 60) == EXIT_GRACE_EXPIRED, _log(tmp_path)[-3000:]
+    assert proc.wait(timeout=grace + 60) == EXIT_GRACE_EXPIRED, _log(tmp_path, "grace_expired")[-3000:]
     assert time.monotonic() - signalled < grace + 15
     assert _latest(out) == second
-    assert "grace period of 8 s" in _log(tmp_path)
+    assert "grace period of 8 s" in _log(tmp_path, "grace_expired")
 
     _finish(tmp_path, spec, reference_ids, resumed_from=second)
 
@@ -194,14 +199,14 @@ def test_rank_killed_in_training_and_in_a_checkpoint_write(tmp_path, assets, ref
     out = tmp_path / "out"
 
     marker = tmp_path / "killed_at"
-    proc = start_launcher(spec, faults={"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)})
+    proc = _start(spec, "kill_in_training", {"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)})
     assert proc.wait(timeout=600) != 0
     assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
     assert _latest(out) == tag_for(3)
-    log = _log(tmp_path)
+    log = _log(tmp_path, "kill_in_training")
     assert "lost the other ranks" in log or "received SIGTERM" in log, log[-3000:]
 
-    proc = start_launcher(spec, faults={"kill_in_save": {"rank": 1, "step": 6}, "kill_marker": str(marker)})
+    proc = _start(spec, "kill_in_save", {"kill_in_save": {"rank": 1, "step": 6}, "kill_marker": str(marker)})
     assert proc.wait(timeout=600) != 0
     assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
     assert _latest(out) == tag_for(3), "latest moved to a checkpoint a rank did not finish"
@@ -218,9 +223,9 @@ def test_nonfinite_steps_are_skipped_then_a_burst_stops_the_run(tmp_path, assets
     spec = _spec(tmp_path, assets, faults__max_nonfinite_steps=3)
     out = tmp_path / "out"
     prints = tmp_path / "fingerprints.jsonl"
-    proc = start_launcher(spec, faults={"nonfinite": {"rank": 1, "steps": [2, 5, 6, 7]}, "fingerprints": str(prints)})
-    assert proc.wait(timeout=600) == EXIT_NONFINITE, _log(tmp_path)[-3000:]
-    assert "3 optimizer steps in a row had non-finite" in _log(tmp_path)
+    proc = _start(spec, "nonfinite", {"nonfinite": {"rank": 1, "steps": [2, 5, 6, 7]}, "fingerprints": str(prints)})
+    assert proc.wait(timeout=600) == EXIT_NONFINITE, _log(tmp_path, "nonfinite")[-3000:]
+    assert "3 optimizer steps in a row had non-finite" in _log(tmp_path, "nonfinite")
 
     state = {row["step"]: (row["params"], row["optimizer"]) for row in map(json.loads, prints.read_text().splitlines())}
     assert sorted(state) == list(range(1, 8))

@@ -27,9 +27,13 @@ time and SIGKILLs a rank that is still alive 30 s later (a fixed DeepSpeed const
 grace period under 30 s there. Schedulers that signal every process (Slurm at the time limit or
 on preemption; ``kill -TERM -- -<pgid>``) reach the ranks directly.
 
-**Lost ranks.** A collective with a dead rank fails at once on gloo ("Connection reset by peer")
-and within ``faults.collective_timeout_s`` on NCCL (set in ``init_process_group``);
-:meth:`RunGuard.peer_failure` turns that error into one message and :data:`EXIT_PEER_LOST`.
+**Lost ranks.** DeepSpeed's ``launch.py`` polls its ranks once a second; when one exits with a
+non-zero status it SIGTERMs the others (30 s, then SIGKILL) and exits with that status. Without it
+(torchrun, Slurm ``srun`` per rank) the survivors find out themselves: a collective with a dead
+rank fails at once on gloo ("Connection reset by peer") and within ``faults.collective_timeout_s``
+on NCCL (set in ``init_process_group``); :meth:`RunGuard.peer_failure` turns that error into one
+message and :data:`EXIT_PEER_LOST`. ``latest`` is untouched: CheckpointManager writes ``COMPLETE``
+and ``latest`` only after every rank finished its files.
 
 **Non-finite steps.** DeepSpeed already skips an optimizer step whose gradients are not finite,
 and then neither changes the weights and optimizer state nor steps the lr schedule; it counts the
