@@ -24,7 +24,8 @@ So each rank whose parent is ``deepspeed.launcher.launch`` watches (once a secon
 thread) that its parent and its parent's parent are still the ones it started under, and treats a
 change as a stop request. ``launch.py`` itself, on SIGTERM/SIGINT, sends SIGTERM to one rank at a
 time and SIGKILLs a rank that is still alive 30 s later (a fixed DeepSpeed constant), so keep the
-grace period under 30 s there. Schedulers that signal every process (Slurm at the time limit or
+grace period under 30 s there. ``torchrun`` passes SIGTERM on to its workers the same way (SIGKILL
+after 30 s). Schedulers that signal every process (Slurm at the time limit or
 on preemption; ``kill -TERM -- -<pgid>``) reach the ranks directly.
 
 **Lost ranks.** DeepSpeed's ``launch.py`` polls its ranks once a second; when one exits with a
