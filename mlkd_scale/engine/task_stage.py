@@ -43,6 +43,7 @@ from mlkd_scale.engine.checkpoint import (
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
+from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.loop import (
     LossFn,
     Window,
@@ -157,6 +158,7 @@ class TaskStage:
             ctx.checkpoint_dir(self.name), spec.checkpoint.keep_last, info.rank, info.world_size
         )
         self.checkpoints.save_hf_meta(hf_model, ctx.tokenizer)
+        self.guard = RunGuard(spec.faults, info, self.checkpoints.latest_name)  # preemption, non-finite steps
         self.step = 0
         self.samples_seen = 0
         self.loss_history: list[tuple[int, float]] = []
@@ -243,24 +245,38 @@ class TaskStage:
             desc=self.name,
             unit="step",
         )
+        guard = self.guard
         window = Window()
-        while self.step < stop_at:
-            terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
-            self.step += 1
-            self.samples_seen += self.plan.global_batch_size
-            window.add(terms)
-            progress.update(1)
-            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
-                self._log(window, progress)
-                window = Window()
-            evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
-            improved = self._evaluate() if evaluate_now else False
-            if evaluate_now or self.step % spec.checkpoint.every_n_steps == 0 or self.step == stop_at:
-                self._save()
-            if improved:
-                self.checkpoints.mark_best(self.step, {"value": self.best["value"]})
-        progress.close()
-        self.logger.close()
+        checkpoint_due = False
+        try:
+            while self.step < stop_at:
+                terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
+                self.step += 1
+                self.samples_seen += self.plan.global_batch_size
+                window.add(terms)
+                progress.update(1)
+                if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
+                    self._log(window, progress)
+                    window = Window()
+                stop = guard.check_step(self.engine, offset + self.step)
+                evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
+                improved = self._evaluate() if evaluate_now else False
+                checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
+                if stop or evaluate_now or self.step == stop_at or (checkpoint_due and guard.checkpoint_ok):
+                    tag_dir = self._save()
+                    checkpoint_due = False
+                if improved:
+                    self.checkpoints.mark_best(self.step, {"value": self.best["value"]})
+                if stop:
+                    raise guard.preempted(offset + self.step, tag_dir.name)
+        except RuntimeError as error:
+            if is_comm_failure(error):
+                raise guard.peer_failure(error, offset + self.step) from error
+            raise
+        finally:
+            progress.close()
+            self.logger.close()
+            guard.close()
         finished = self.step >= self.total
         result = self._finish() if finished else None
         return {"step": self.step, "finished": finished, "result": result}

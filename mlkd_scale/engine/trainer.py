@@ -21,6 +21,7 @@ from transformers import logging as hf_logging
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
+from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.reshard import prepare_resume
@@ -45,7 +46,7 @@ class Trainer:
                 "data: general distillation needs a data section; this spec has a task section, "
                 "run it with launchers/task_kd.py (or launchers/finetune_teacher.py)"
             )
-        self.dist = dist or init_distributed()
+        self.dist = dist or init_distributed(spec.faults.collective_timeout_s)
         self.plan = resolve_plan(spec, self.dist.world_size)
         self.output_dir = Path(spec.run.output_dir)
         hf_logging.set_verbosity_error()
@@ -90,6 +91,7 @@ class Trainer:
         self.logger.text("plan", "```\n" + self.plan.summary() + "\n```")
         self.checkpoints.save_hf_meta(student, self.tokenizer)
         self._sample_log = self._open_sample_log() if spec.logging.record_sample_ids else None
+        self.guard = RunGuard(spec.faults, self.dist, self.checkpoints.latest_name)
 
     # ---- checkpoint state -----------------------------------------------------------------------
 
@@ -156,7 +158,11 @@ class Trainer:
         return terms
 
     def train(self) -> dict:
-        """Run until the step budget (or ``stop_after_steps``); checkpoint, export, summarise."""
+        """Run until the step budget (or ``stop_after_steps``); checkpoint, export, summarise.
+
+        Raises :class:`~mlkd_scale.engine.faults.RunStopped` on preemption (after its checkpoint),
+        after too many non-finite steps in a row, and when a collective with the other ranks fails.
+        """
         spec, plan = self.spec, self.plan
         if self.dist.is_main:
             print(plan.summary(), flush=True)
@@ -170,25 +176,25 @@ class Trainer:
             desc="distilling",
             unit="step",
         )
-        window = Window()
-        while self.step < stop_at:
-            terms = self.train_step()
-            window.add(terms)
-            progress.update(1)
-            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
-                self._log(window, progress)
-                window = Window()
-            if self.step % spec.checkpoint.every_n_steps == 0 or self.step == stop_at:
-                self.save_checkpoint()
-        progress.close()
-        finished = self.step >= plan.total_steps
-        exported = None
-        if finished and spec.checkpoint.export_at_end and self.dist.is_main:
-            exported = export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
-        torch.distributed.barrier()
-        self.logger.close()
-        if self._sample_log is not None:
-            self._sample_log.close()
+        try:
+            preempted = self._loop(stop_at, progress)
+            if preempted is not None:
+                raise preempted
+            finished = self.step >= plan.total_steps
+            exported = None
+            if finished and spec.checkpoint.export_at_end and self.dist.is_main:
+                exported = export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
+            torch.distributed.barrier()
+        except RuntimeError as error:
+            if is_comm_failure(error):
+                raise self.guard.peer_failure(error, self.step) from error
+            raise
+        finally:
+            progress.close()
+            self.logger.close()
+            self.guard.close()
+            if self._sample_log is not None:
+                self._sample_log.close()
         summary = {
             "step": self.step,
             "finished": finished,
@@ -200,6 +206,27 @@ class Trainer:
         if self.dist.is_main:
             self._print_summary(summary)
         return summary
+
+    def _loop(self, stop_at: int, progress: tqdm):
+        """The steps; returns the exception to raise when the ranks agreed to stop (checkpoint written)."""
+        spec = self.spec
+        window = Window()
+        checkpoint_due = False
+        while self.step < stop_at:
+            terms = self.train_step()
+            window.add(terms)
+            progress.update(1)
+            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
+                self._log(window, progress)
+                window = Window()
+            stop = self.guard.check_step(self.engine, self.step)
+            checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
+            if stop or self.step == stop_at or (checkpoint_due and self.guard.checkpoint_ok):
+                tag_dir = self.save_checkpoint()
+                checkpoint_due = False
+                if stop:
+                    return self.guard.preempted(self.step, tag_dir.name)
+        return None
 
     def _log(self, window: Window, progress: tqdm) -> None:
         means = window.global_means()  # one all-reduce per logging step, not per step

@@ -1,0 +1,242 @@
+"""Preemption, crashes and non-finite numbers through the real deepspeed launcher on 2 CPU ranks.
+
+Faults are injected from the test side (tests/fault_injection/sitecustomize.py, via
+run_fixtures.start_launcher). Every scenario ends with a relaunch that finishes the run, and the
+documents trained on (logging.record_sample_ids) are compared with an uninterrupted run's.
+"""
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from run_fixtures import (
+    make_corpus,
+    make_spec,
+    make_teacher,
+    sample_ids,
+    start_launcher,
+    state_fingerprint,
+    uninterrupted_ids,
+)
+
+from mlkd_scale.engine.checkpoint import is_complete, tag_for
+from mlkd_scale.engine.faults import (
+    EXIT_GRACE_EXPIRED,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    ensure_nonfinite_skipping,
+    poison_nonfinite,
+)
+from mlkd_scale.engine.tb_logger import read_scalars
+
+sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
+import ckpt_helpers as h
+
+launcher = pytest.mark.launcher
+
+STEPS = 12
+SPEC = {"train__max_steps": STEPS, "checkpoint__every_n_steps": 3, "checkpoint__keep_last": 10}
+
+
+@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False), (3, False), (0, True), (2, True)])
+@pytest.mark.parametrize("fault", ["times_nan", "plus_inf"])
+def test_a_nonfinite_loss_skips_the_step(stage, bf16, fault):
+    """On every ZeRO stage and precision the engine skips a step whose loss is NaN or inf: weights,
+    optimizer state and lr unchanged, ``skipped_steps`` counts it. ``loss + inf`` has the gradients of
+    ``loss`` (finite); only the poisoning makes that step skip."""
+    h.init_single_process()
+    engine = h.make_engine(stage, seed=0, bf16=bf16)
+    ensure_nonfinite_skipping(engine)
+    h.train_step(engine, h.batch(0))  # the optimizer has state now
+    weights, state, lr = h.full_state(engine), state_fingerprint(engine)["optimizer"], engine.get_lr()
+    loss = engine(h.batch(1))
+    loss = loss * math.nan if fault == "times_nan" else loss + math.inf
+    engine.backward(poison_nonfinite(loss))
+    engine.step()
+    assert not engine.was_step_applied() and engine.skipped_steps == 1
+    after = h.full_state(engine)
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
+    assert state_fingerprint(engine)["optimizer"] == state and engine.get_lr() == lr
+    h.train_step(engine, h.batch(2))
+    assert engine.was_step_applied() and engine.skipped_steps == 1
+    assert not torch.equal(h.full_state(engine)["student.embeddings.word_embeddings.weight"],
+                           weights["student.embeddings.word_embeddings.weight"])
+
+
+def test_poisoning_keeps_a_finite_loss_exact():
+    x = torch.randn(5, requires_grad=True)
+    loss = (x**2).sum()
+    poisoned = poison_nonfinite(loss)
+    assert torch.equal(poisoned, loss)
+    (grad,) = torch.autograd.grad(poisoned, x)
+    assert torch.equal(grad, 2 * x.detach())
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference_ids(assets, tmp_path_factory):
+    """The documents an uninterrupted run trains on (each rank's stream drawn in this process;
+    test_general_kd checks that a launched run trains on exactly these)."""
+    ids = uninterrupted_ids(make_spec(tmp_path_factory.mktemp("reference"), *assets, **SPEC))
+    assert len(ids) == len(set(ids)) > 50
+    return ids
+
+
+def _spec(tmp_path, assets, **extra):
+    return make_spec(tmp_path, *assets, **{**SPEC, **extra})
+
+
+def _latest(out) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def _start(spec, phase: str, faults=None):
+    """start_launcher with its output in ``<spec dir>/<phase>.log`` (read back with :func:`_log`)."""
+    return start_launcher(spec, faults=faults, log=spec.parent / f"{phase}.log")
+
+
+def _log(tmp_path, phase: str) -> str:
+    return (tmp_path / f"{phase}.log").read_text()
+
+
+def _started_step(out) -> int:
+    """The optimizer step rank 0 is in (from its sample-id log; 0 before the first batch)."""
+    path = out / "sample_ids" / "rank00000.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _wait_for_step(proc, out, step: int, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while _started_step(out) < step:
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step}"
+        assert time.monotonic() < end, f"step {step} not reached in {timeout} s"
+        time.sleep(0.2)
+
+
+def _ranks(proc) -> list[psutil.Process]:
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert len(ranks) == 2, ranks
+    return sorted(ranks, key=lambda p: next(a for a in p.cmdline() if a.startswith("--local_rank")))
+
+
+def _finish(tmp_path, spec, reference_ids, resumed_from: str) -> None:
+    """Relaunch without faults: it resumes from ``resumed_from`` and trains exactly the documents of
+    an uninterrupted run, none lost, none twice."""
+    proc = _start(spec, "final")
+    assert proc.wait(timeout=600) == 0, _log(tmp_path, "final")[-3000:]
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / resumed_from}" in _log(tmp_path, "final")
+    ids = sample_ids(tmp_path / "out")
+    assert len(ids) == len(set(ids)), "a document was trained on twice"
+    assert sorted(ids) == sorted(reference_ids), "documents were lost or added by the interruptions"
+
+
+@launcher
+def test_preemption(tmp_path, assets, reference_ids):
+    """SIGTERM to the deepspeed command, then to every rank (as Slurm does), then a checkpoint that
+    outlives the grace period; then a relaunch finishes the run."""
+    grace = 8
+    spec = _spec(tmp_path, assets, faults__preemption_grace_s=grace)
+    out = tmp_path / "out"
+
+    # 1. SIGTERM to the `deepspeed` runner: it dies at once without telling launch.py; the ranks
+    # notice, agree on a step, checkpoint and exit.
+    proc = _start(spec, "runner_sigterm", {"step_sleep_s": 1.0})
+    _wait_for_step(proc, out, 3)
+    ranks = _ranks(proc)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(ranks, timeout=grace + 15)
+    assert not alive, "ranks still running after the grace period"
+    assert time.monotonic() - signalled < grace + 15
+    first = _latest(out)
+    stopped_at = int(first[4:])
+    assert 3 <= stopped_at < STEPS - 4 and is_complete(out / "checkpoints" / first)
+    assert f"checkpoint {first} written" in _log(tmp_path, "runner_sigterm")
+
+    # 2. SIGTERM to every rank directly: exit status 75 through launch.py and the runner.
+    proc = _start(spec, "ranks_sigterm", {"step_sleep_s": 1.0})
+    _wait_for_step(proc, out, stopped_at + 1)
+    signalled = time.monotonic()
+    for rank in _ranks(proc):
+        rank.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=grace + 30) == EXIT_PREEMPTED, _log(tmp_path, "ranks_sigterm")[-3000:]
+    assert time.monotonic() - signalled < grace + 15
+    second = _latest(out)
+    assert stopped_at < int(second[4:]) < STEPS - 1 and is_complete(out / "checkpoints" / second)
+
+    # 3. SIGTERM to rank 0 only, with rank 1's checkpoint write slower than the grace period: both
+    # exit with 76 at the deadline and `latest` keeps the previous checkpoint.
+    proc = _start(spec, "grace_expired", {"step_sleep_s": 1.0, "slow_save_s": {"rank": 1, "seconds": 120}})
+    _wait_for_step(proc, out, int(second[4:]) + 1)
+    signalled = time.monotonic()
+    _ranks(proc)[0].send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=grace + 60) == EXIT_GRACE_EXPIRED, _log(tmp_path, "grace_expired")[-3000:]
+    assert time.monotonic() - signalled < grace + 15
+    assert _latest(out) == second
+    assert "grace period of 8 s" in _log(tmp_path, "grace_expired")
+
+    _finish(tmp_path, spec, reference_ids, resumed_from=second)
+
+
+@launcher
+def test_rank_killed_in_training_and_in_a_checkpoint_write(tmp_path, assets, reference_ids):
+    """SIGKILL of rank 1 after step 5, then (relaunched) while it writes checkpoint 6: `latest` stays
+    on a complete checkpoint, rank 0 exits promptly with a message, the relaunch resumes."""
+    spec = _spec(tmp_path, assets)
+    out = tmp_path / "out"
+
+    marker = tmp_path / "killed_at"
+    proc = _start(spec, "kill_in_training", {"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)})
+    assert proc.wait(timeout=600) != 0
+    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
+    assert _latest(out) == tag_for(3)
+    log = _log(tmp_path, "kill_in_training")
+    assert "lost the other ranks" in log or "received SIGTERM" in log, log[-3000:]
+
+    proc = _start(spec, "kill_in_save", {"kill_in_save": {"rank": 1, "step": 6}, "kill_marker": str(marker)})
+    assert proc.wait(timeout=600) != 0
+    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
+    assert _latest(out) == tag_for(3), "latest moved to a checkpoint a rank did not finish"
+    assert (out / "checkpoints" / tag_for(6)).is_dir() and not is_complete(out / "checkpoints" / tag_for(6))
+
+    _finish(tmp_path, spec, reference_ids, resumed_from=tag_for(3))
+    assert is_complete(out / "checkpoints" / tag_for(6))  # written again by the relaunch
+
+
+@launcher
+def test_nonfinite_steps_are_skipped_then_a_burst_stops_the_run(tmp_path, assets, reference_ids):
+    """NaN loss on rank 1 at step 2 (skipped, weights and optimizer untouched), then at steps 5-7:
+    three in a row stop the run with status 3 and `latest` on step 3; the relaunch resumes."""
+    spec = _spec(tmp_path, assets, faults__max_nonfinite_steps=3)
+    out = tmp_path / "out"
+    prints = tmp_path / "fingerprints.jsonl"
+    proc = _start(spec, "nonfinite", {"nonfinite": {"rank": 1, "steps": [2, 5, 6, 7]}, "fingerprints": str(prints)})
+    assert proc.wait(timeout=600) == EXIT_NONFINITE, _log(tmp_path, "nonfinite")[-3000:]
+    assert "3 optimizer steps in a row had non-finite" in _log(tmp_path, "nonfinite")
+
+    state = {row["step"]: (row["params"], row["optimizer"]) for row in map(json.loads, prints.read_text().splitlines())}
+    assert sorted(state) == list(range(1, 8))
+    assert state[2] == state[1], "a skipped step changed the weights or the optimizer state"
+    assert state[3] != state[2] and state[4] != state[3]
+    assert state[5] == state[6] == state[7] == state[4]
+
+    skipped = dict(read_scalars(out / "tensorboard")["train/nonfinite_steps_skipped"])
+    assert [skipped[s] for s in range(1, 8)] == [0, 1, 1, 1, 2, 3, 4]
+    assert _latest(out) == tag_for(3)
+    assert not (out / "checkpoints" / tag_for(6)).exists(), "a checkpoint was written inside the burst"
+
+    _finish(tmp_path, spec, reference_ids, resumed_from=tag_for(3))
+
