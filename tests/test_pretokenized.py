@@ -136,9 +136,11 @@ def test_mismatches_are_one_clear_error(corpus_and_teacher, written, tmp_path):
 
 
 @pytest.mark.launcher
-def test_cli_then_two_rank_run_resumes_without_loss_or_repeat(corpus_and_teacher, tmp_path):
+def test_cli_then_two_ranks_then_one_rank_without_loss_or_repeat(corpus_and_teacher, tmp_path):
+    """pretokenize through the CLI; 2 ranks (ZeRO-0) stop at step 4; 1 rank with twice the
+    accumulation (same global batch) finishes: every document of the rows the run took, once."""
     corpus, teacher = corpus_and_teacher
-    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=6)
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=6, train__zero_stage=0)
     raw = json.loads(spec.read_text())
     raw["data"]["pretokenized_dir"] = str(tmp_path / "pt")
     spec.write_text(json.dumps(raw))
@@ -150,14 +152,16 @@ def test_cli_then_two_rank_run_resumes_without_loss_or_repeat(corpus_and_teacher
 
     first = run_launcher(spec, "--stop_after_steps", "4")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_launcher(spec)
+    raw["train"]["gradient_accumulation_steps"] = 4
+    spec.write_text(json.dumps(raw))
+    second = run_launcher(spec, ranks=1)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    # The run took global positions 0..95 of epoch 0's order (6 steps x 2 micro batches x 4 x 2
-    # ranks): exactly the documents starting in those rows, each once, across the restart.
+    # The run took global positions 0..95 of epoch 0's order (6 steps x 16 sequences): exactly the
+    # documents starting in those rows, each once, across the restart at another world size.
     data = DataSpec.model_validate(raw["data"])
     reference = PretokenizedStream(data, _tokenizer(teacher), 0, 1, seed=raw["run"]["seed"])
-    rows = reference._rows(0, 6 * 2 * 4 * 2)
+    rows = reference._rows(0, 6 * 16)
     assert len(rows) < reference.meta["num_sequences"]
     expected = [doc for row in rows for doc in reference._docs_of(int(row))]
     assert Counter(sample_ids(tmp_path / "out")) == Counter(expected)

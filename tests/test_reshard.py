@@ -178,10 +178,12 @@ def test_resume_decisions_and_their_errors(tmp_path):
 
     other = tmp_path / "zero0"
     _fake_checkpoint(other, world_size=2, num_shards=2, zero_files=False)
-    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1.*ZeRO stage 1, 2 or 3"):
+    with pytest.raises(CheckpointError, match="saved with ZeRO stage 0 by 2 ranks.*zero_stage must be 0"):
         prepare_resume(CheckpointManager(other, 2, 0, 1), _run_spec(tmp_path), zero_stage=2)
+    zero0 = prepare_resume(CheckpointManager(other, 2, 0, 1), _run_spec(tmp_path), zero_stage=0)
+    assert zero0.reshaped and not zero0.universal and zero0.engine_plan("plan") == "plan"  # one file: no conversion
     _fake_checkpoint(other, world_size=2, num_shards=2)  # ZeRO shards now, but this run is ZeRO-0
-    with pytest.raises(CheckpointError, match="ZeRO stage 1, 2 or 3 both when saving and now"):
+    with pytest.raises(CheckpointError, match="saved with ZeRO stage 1-3 by 2 ranks.*must be 1, 2 or 3"):
         prepare_resume(CheckpointManager(other, 2, 0, 1), _run_spec(tmp_path), zero_stage=0)
     assert derived_seed(1, 3, 10) == derived_seed(1, 3, 10) != derived_seed(1, 4, 10)
 
@@ -210,7 +212,7 @@ def test_universal_load_restores_everything(tmp_path, stage, precision):
 
     def engine(seed, plan):
         torch.manual_seed(seed)
-        return build_engine(h.Wrapper(h.BertModel(h.tiny_config())), spec.train, plan, torch.device("cpu"))[0]
+        return build_engine(h.Wrapper(h.BertModel(h.tiny_config())), spec.train, plan)[0]
 
     a = engine(0, plan)
     for i in range(2):
@@ -231,7 +233,7 @@ def test_universal_load_restores_everything(tmp_path, stage, precision):
     ensure_universal(tag, 0)  # already there: reused
     assert (tag / UNIVERSAL / "zero").is_dir() and not list(tag.glob(f".{UNIVERSAL}.*"))
 
-    resume = Resume(ckpt, spec.run.seed, 1, tag, saved_world_size=2)  # pretend it came from 2 ranks
+    resume = Resume(ckpt, spec.run.seed, 1, tag, saved_world_size=2, universal=True)  # as if from 2 ranks
     b = engine(1, resume.engine_plan(plan))
     assert b.load_universal_checkpoint()
     got_client, rank_state = resume.load(b)
