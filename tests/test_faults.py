@@ -16,9 +16,7 @@ import psutil
 import pytest
 import torch
 from run_fixtures import (
-    make_corpus,
     make_spec,
-    make_teacher,
     sample_ids,
     start_launcher,
     state_fingerprint,
@@ -76,12 +74,6 @@ def test_poisoning_keeps_a_finite_loss_exact():
     assert torch.equal(poisoned, loss)
     (grad,) = torch.autograd.grad(poisoned, x)
     assert torch.equal(grad, 2 * x.detach())
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
 
 
 @pytest.fixture(scope="module")

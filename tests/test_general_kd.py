@@ -8,10 +8,9 @@ import pytest
 import torch
 from run_fixtures import (
     REPO,
+    check_ok,
     child_env,
-    make_corpus,
     make_spec,
-    make_teacher,
     run_launcher,
     run_torchrun,
     run_two_nodes,
@@ -25,19 +24,8 @@ from mlkd_scale.engine.tb_logger import read_scalars, read_texts
 pytestmark = pytest.mark.launcher
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
-
-
 def _losses(output_dir):
     return [value for _, value in read_scalars(output_dir / "tensorboard")["loss/total"]]
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -46,15 +34,15 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, assets, zero_sta
     straight = tmp_path / "straight"
     straight.mkdir()
     spec = make_spec(straight, teacher, corpus, train__zero_stage=zero_stage)
-    _ok(run_launcher(spec))
+    check_ok(run_launcher(spec))
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     spec = make_spec(resumed, teacher, corpus, train__zero_stage=zero_stage)
-    first = _ok(run_launcher(spec, "--stop_after_steps", "4"))
+    first = check_ok(run_launcher(spec, "--stop_after_steps", "4"))
     assert "stopped (resumable) at step 4" in first.stdout
     assert not (resumed / "out" / "student").exists(), "a stopped run is not exported"
-    second = _ok(run_launcher(spec))
+    second = check_ok(run_launcher(spec))
     assert "resumed from" in second.stdout and "step00000004" in second.stdout
 
     expected, got = _losses(straight / "out"), _losses(resumed / "out")
@@ -70,7 +58,7 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path, assets, zero_sta
 def test_tensorboard_export_and_spec_text(tmp_path, assets):
     teacher, corpus = assets
     spec = make_spec(tmp_path, teacher, corpus, train__max_steps=4, checkpoint__every_n_steps=2)
-    proc = _ok(run_launcher(spec))
+    proc = check_ok(run_launcher(spec))
     out = tmp_path / "out"
     scalars = read_scalars(out / "tensorboard")
     for tag in ("loss/total", "loss/emb", "loss/mha", "loss/ffn", "train/lr", "train/grad_norm",
@@ -99,14 +87,14 @@ def test_plain_python_single_process_bf16(tmp_path, assets):
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=child_env())
-    _ok(proc)
+    check_ok(proc)
     assert "run finished at step 2" in proc.stdout
     assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 1
 
 
 def test_torchrun(tmp_path, assets):
     teacher, corpus = assets
-    _ok(run_torchrun(make_spec(tmp_path, teacher, corpus, train__max_steps=2)))
+    check_ok(run_torchrun(make_spec(tmp_path, teacher, corpus, train__max_steps=2)))
     assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 2
     assert AutoModel.from_pretrained(tmp_path / "out" / "student").config.num_hidden_layers == 2
 

@@ -1,9 +1,9 @@
 """Each loss against a loop-by-loop reference, plus the properties the method relies on."""
 
 import pytest
+import reference_losses as ref
 import torch
 
-import reference_losses as ref
 from mlkd_scale.losses import (
     embedding_relation_loss,
     hidden_mse_loss,

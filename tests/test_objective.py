@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_batch, tiny_teacher
 
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student
 from mlkd_scale.spec import LossesSpec, StudentSpec
-from tiny_models import tiny_batch, tiny_teacher
 
 
 def _setup(preset="mlkd", stage=1, heads=3, width=24, with_head=False, teacher_heads=12, **loss_kw):

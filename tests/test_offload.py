@@ -4,7 +4,7 @@ for step and export a student that AutoModel loads (through the real deepspeed l
 
 import pytest
 import torch
-from run_fixtures import make_corpus, make_spec, make_teacher, run_launcher
+from run_fixtures import check_ok, make_spec, run_launcher
 from transformers import AutoModel
 
 from mlkd_scale.engine.checkpoint import read_complete
@@ -12,17 +12,6 @@ from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, TrainSpec
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _spec(deepspeed: dict | str, **train) -> RunSpec:
@@ -95,11 +84,11 @@ def test_offload_run_resumes_step_for_step_and_exports(tmp_path, assets, config,
         return make_spec(directory, teacher, corpus, train__zero_stage=stage, deepspeed__config=config,
                          train__max_steps=4, checkpoint__every_n_steps=2)
 
-    _ok(run_launcher(spec_in("straight")))
+    check_ok(run_launcher(spec_in("straight")))
     spec = spec_in("resumed")
-    first = _ok(run_launcher(spec, "--stop_after_steps", "2"))
+    first = check_ok(run_launcher(spec, "--stop_after_steps", "2"))
     assert "stopped (resumable) at step 2" in first.stdout
-    second = _ok(run_launcher(spec))
+    second = check_ok(run_launcher(spec))
     assert "resumed from" in second.stdout and "step00000002" in second.stdout
 
     straight, resumed = tmp_path / "straight" / "out", tmp_path / "resumed" / "out"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_fixtures import make_corpus, make_spec, make_teacher, run_launcher
+from run_fixtures import check_ok, make_spec, run_launcher
 from test_data import assert_same, make_source, roundtrip, spec_for
 
 from mlkd_scale.data.sources import DataError
@@ -251,20 +251,9 @@ def test_universal_load_restores_everything(tmp_path, stage, precision):
 # ----------------------------------------------------------------------------- real launcher runs
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def _launch(workdir, assets, ranks, *extra, **overrides):
     teacher, corpus = assets
-    return _ok(run_launcher(make_spec(workdir, teacher, corpus, **overrides), *extra, ranks=ranks))
+    return check_ok(run_launcher(make_spec(workdir, teacher, corpus, **overrides), *extra, ranks=ranks))
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_batch, tiny_teacher
 
 from mlkd_scale.models import build_student, build_student_config, resolve_layer_mapping
 from mlkd_scale.models.taps import encoder_modules
 from mlkd_scale.spec import StudentSpec
-from tiny_models import tiny_batch, tiny_teacher
 
 
 def test_uniform_mapping_is_tinybert_s():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import tiny_batch, tiny_teacher
 
 from mlkd_scale.models import FeatureTap, TapRequest
-from tiny_models import tiny_batch, tiny_teacher
 
 
 def test_taps_match_the_models_own_outputs():

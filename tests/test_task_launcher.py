@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from run_fixtures import check_ok
 from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.checkpoint import read_complete
@@ -16,23 +17,18 @@ from mlkd_scale.spec import load_spec
 pytestmark = pytest.mark.launcher
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def test_two_ranks_stop_in_stage2_resume_and_export(tmp_path: Path) -> None:
     teacher = make_task_teacher(tmp_path / "teacher", "MRPC")
     budget = {"max_steps": 4, "lr": 1e-3}
     spec = task_spec(tmp_path, teacher, "MRPC", task__stage1=budget, task__stage2=budget,
                      task__eval_every_n_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
-    first = _ok(run_task_launcher("task_kd.py", spec, "--stop_after_steps", "6"))
+    first = check_ok(run_task_launcher("task_kd.py", spec, "--stop_after_steps", "6"))
     assert "stage1 finished at step 4" in first.stdout
     assert "run stopped (resumable) at step 6" in first.stdout
     out = tmp_path / "out"
     assert not (out / "student").exists(), "a stopped run is not exported"
 
-    second = _ok(run_task_launcher("task_kd.py", spec))
+    second = check_ok(run_task_launcher("task_kd.py", spec))
     assert "stage1 already finished" in second.stdout
     assert "stage2/checkpoints/step00000002 at stage2 step 2" in second.stdout
     assert "run finished at step 8" in second.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_fixtures import REPO, child_env, make_corpus, make_spec, make_teacher, run_launcher
+from run_fixtures import REPO, check_ok, child_env, make_spec, run_launcher
 from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.task_run import evaluate_model_dir
@@ -19,17 +19,6 @@ from mlkd_scale.spec import SpecError, load_spec
 
 #: Every parameter partitioned (DeepSpeed keeps parameters under 1e5 elements whole by default).
 PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_teacher(root / "teacher"), make_corpus(root / "docs.jsonl")
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _scalars(output_dir: Path) -> dict[str, list[float]]:
@@ -48,7 +37,7 @@ def test_each_rank_holds_half_and_features_equal_the_replicas(tmp_path, assets):
     script = REPO / "tests" / "ds_scripts" / "teacher_zero3.py"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(script), str(spec), str(tmp_path)]
-    _ok(subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, check=False))
+    check_ok(subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, check=False))
 
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -77,7 +66,7 @@ def test_general_distillation_with_a_zero3_teacher_matches_a_replicated_one(tmp_
         # the student on ZeRO-3 with CPU offload: the zero3 teacher inherits offload_param
         spec = make_spec(directory, teacher, corpus, teacher__placement=placement, train__max_steps=3,
                          checkpoint__every_n_steps=3, train__zero_stage=3, deepspeed__config="zero3_offload.json")
-        proc = _ok(run_launcher(spec))
+        proc = check_ok(run_launcher(spec))
         assert f"teacher: {placement}" in proc.stdout
         assert (placement == "zero3") == ("(partitions on " in proc.stdout), "zero3 partitions the teacher, replicate does not"
         runs[placement] = _scalars(directory / "out")
@@ -97,7 +86,7 @@ def test_task_distillation_with_a_zero3_teacher(tmp_path):
                      teacher__placement="zero3",
                      student={"num_layers": 2, "hidden_size": 48, "num_heads": 3, "intermediate_size": 96,
                               "init": "teacher_layers"})
-    proc = _ok(run_task_launcher("task_kd.py", spec))
+    proc = check_ok(run_task_launcher("task_kd.py", spec))
     assert "teacher: zero3" in proc.stdout and "run finished at step 4" in proc.stdout
     report = json.loads((tmp_path / "out" / "student" / "eval_results.json").read_text())
     alone = evaluate_model_dir(teacher, load_spec(spec).task)

@@ -1,0 +1,102 @@
+"""The run spec: every knob of a distillation run, validated by Pydantic v2.
+
+Each UNKNOWN of the MLKD-BERT paper (see ``shared/paper/mlkd-bert-method.md`` §9) is a field here
+with the documented default, so a user can switch readings without code changes.
+Unknown keys are rejected everywhere (``extra="forbid"``).
+
+The spec is the single source of truth of a run: batch sizes, learning rate, precision and ZeRO
+stage live here, and the DeepSpeed JSON is filled from it (see :mod:`mlkd_scale.plan`). Bad input
+never surfaces as a traceback: :func:`load_spec` gathers every problem (types, unknown keys,
+cross-field rules, files that must exist) into one :class:`SpecError`, so a user fixes a spec in
+one pass.
+
+Validator messages follow one convention so :class:`SpecError` can name the dotted field path:
+a message line ``"field: text"`` is reported under ``<section path>.field``, any other line under
+the section itself.
+
+Modules: :mod:`~mlkd_scale.spec.fields` (``StrictModel``), :mod:`~mlkd_scale.spec.sections` (general
+distillation's sections), :mod:`~mlkd_scale.spec.task` (the ``task`` section), :mod:`~mlkd_scale.spec.run`
+(``RunSpec``), :mod:`~mlkd_scale.spec.errors` (``SpecError``), :mod:`~mlkd_scale.spec.loading`
+(``load_spec``), :mod:`~mlkd_scale.spec.paths` (files a run needs), :mod:`~mlkd_scale.spec.identity`
+(``spec_hash``). Everything is importable from ``mlkd_scale.spec``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlkd_scale.spec.errors import SpecError, format_validation_error, one_line
+from mlkd_scale.spec.fields import MAX_INT, StrictModel
+from mlkd_scale.spec.identity import HASH_EXCLUDE, spec_hash
+from mlkd_scale.spec.loading import (
+    MAX_DEPTH,
+    MAX_SPEC_BYTES,
+    MAX_VALUES,
+    load_spec,
+    read_mapping,
+    structure_problems,
+)
+from mlkd_scale.spec.paths import DS_CONFIG_DIR, check_paths, find_deepspeed_config, looks_local
+from mlkd_scale.spec.run import RunSpec
+from mlkd_scale.spec.sections import (
+    CheckpointSpec,
+    DataSpec,
+    DeepSpeedSpec,
+    FaultsSpec,
+    LoggingSpec,
+    LossesSpec,
+    RunInfo,
+    SourceSpec,
+    StudentSpec,
+    TeacherSpec,
+    TrainSpec,
+)
+from mlkd_scale.spec.task import FinetuneBudget, SquadSpec, Stage1Budget, Stage2Budget, StageBudget, TaskSpec
+
+__all__ = [
+    "MAX_INT",
+    "StrictModel",
+    "StudentSpec",
+    "LossesSpec",
+    "SourceSpec",
+    "DataSpec",
+    "CheckpointSpec",
+    "FaultsSpec",
+    "LoggingSpec",
+    "RunInfo",
+    "TeacherSpec",
+    "TrainSpec",
+    "DeepSpeedSpec",
+    "StageBudget",
+    "FinetuneBudget",
+    "Stage1Budget",
+    "Stage2Budget",
+    "SquadSpec",
+    "TaskSpec",
+    "RunSpec",
+    "SpecError",
+    "one_line",
+    "format_validation_error",
+    "MAX_SPEC_BYTES",
+    "MAX_DEPTH",
+    "MAX_VALUES",
+    "structure_problems",
+    "read_mapping",
+    "load_spec",
+    "DS_CONFIG_DIR",
+    "looks_local",
+    "find_deepspeed_config",
+    "check_paths",
+    "HASH_EXCLUDE",
+    "spec_hash",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Plan / resolve_plan live in mlkd_scale.plan (which imports this module); re-exported lazily
+    # so `from mlkd_scale.spec import resolve_plan` works without an import cycle.
+    if name in ("Plan", "resolve_plan"):
+        from mlkd_scale import plan as _plan
+
+        return getattr(_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
