@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import deepspeed
 import psutil
 import pytest
 import torch
@@ -232,3 +233,35 @@ def test_nonfinite_steps_are_skipped_then_a_burst_stops_the_run(tmp_path, assets
 
     _finish(tmp_path, spec, reference_ids, resumed_from=tag_for(3))
 
+
+
+def test_zero0_fp32_engine_clips_like_torch_and_reports_the_norm():
+    """fp32 without ZeRO: the wrapped step clips from the norm of its finiteness check (DeepSpeed's
+    own clipping switched off) and gives the same weights as torch's clip_grad_norm_ + AdamW."""
+    h.init_single_process()
+    torch.manual_seed(0)
+    model = h.Wrapper(h.BertModel(h.tiny_config()))
+    reference = h.Wrapper(h.BertModel(h.tiny_config()))
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()  # no dropout: both see the same forward
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01) for m in (model, reference)]
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0},
+              "gradient_clipping": 0.05, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizers[0], config=config)
+    ensure_nonfinite_skipping(engine)
+    assert engine.gradient_clipping() == 0.0  # the wrapped step clips instead
+    for i in range(2):
+        h.train_step(engine, h.batch(i))
+        loss = reference(h.batch(i))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        assert norm > 0.05  # clipping did happen
+        optimizers[1].step()
+        trained = {name for name, q in reference.named_parameters() if q.grad is not None}
+        optimizers[1].zero_grad()
+        assert engine.get_global_grad_norm() == pytest.approx(float(norm), rel=1e-5)
+    # (DeepSpeed's all-reduce gives the unused pooler zero gradients, which AdamW then decays)
+    for (name, p), q in zip(engine.module.named_parameters(), reference.parameters()):
+        if name in trained:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert len(trained) > 10

@@ -57,6 +57,7 @@ checkpoints out.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import signal
@@ -105,23 +106,30 @@ def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     return loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, math.nan))
 
 
-def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
-    """Make a plain torch optimizer skip steps with non-finite gradients the way DeepSpeed's own do.
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer, max_norm: float = 0.0) -> None:
+    """Make a plain torch optimizer skip steps with non-finite gradients the way DeepSpeed's own do,
+    clipping the gradients to ``max_norm`` (0 = no clipping) from the same norm.
 
     DeepSpeed's engine reads ``optimizer.overflow`` after ``optimizer.step()``: when True it counts
     a skipped step and does not step the lr schedule. The check is one host sync per optimizer step
     (the global gradient norm's finiteness); DeepSpeed's engine calls the step only at the
-    accumulation boundary, after the gradients are all-reduced, so every rank decides alike.
+    accumulation boundary, after the gradients are all-reduced (identical on every rank), so every
+    rank decides, and clips, alike. The norm is also left in ``optimizer._global_grad_norm``, where
+    the engine looks for it (``engine.get_global_grad_norm()``).
     """
     inner = optimizer.step
 
+    @functools.wraps(inner)  # keeps the lr scheduler's mark on the step (else torch warns every run)
     def step(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        optimizer._global_grad_norm = norm
         optimizer.overflow = norm is not None and not bool(torch.isfinite(norm))
         if optimizer.overflow:
             optimizer.zero_grad(set_to_none=True)
             return None
+        if max_norm > 0 and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return inner(*args, **kwargs)
 
     optimizer.step = step
@@ -130,9 +138,16 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
 
 def ensure_nonfinite_skipping(engine) -> None:
     """Give ``engine`` DeepSpeed's skip-on-non-finite behaviour where its optimizer lacks it (fp32
-    without ZeRO: a plain torch optimizer, no ``overflow`` attribute)."""
+    without ZeRO: a plain torch optimizer, no ``overflow`` attribute).
+
+    There the wrapped step also does the gradient clipping, from the norm it computes anyway, and
+    the engine's own clipping is switched off: DeepSpeed's fp32 clipping takes one norm per
+    parameter in a Python loop, all-reduces it and multiplies every gradient even when nothing
+    needs clipping, on top of which the finiteness check took a second norm.
+    """
     if not hasattr(engine.optimizer, "overflow"):
-        skip_nonfinite_steps(engine.optimizer)
+        skip_nonfinite_steps(engine.optimizer, engine.gradient_clipping())
+        engine._config.gradient_clipping = 0.0
 
 
 # ----------------------------------------------------------------------------- the guard
