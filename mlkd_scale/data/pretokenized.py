@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from mlkd_scale.data.packing import Packer, make_encoder
-from mlkd_scale.data.sources import DataError, open_corpus, source_label
+from mlkd_scale.data.sources import DataError, count_record, open_corpus, source_label
 from mlkd_scale.spec import DataSpec
 
 FORMAT = 1
@@ -83,14 +83,9 @@ def _encode_chunk(docs: list[tuple[str, str]]) -> list[tuple[str, list[int]]]:
 def _documents(data: DataSpec, seed: int, counters: dict) -> Iterator[tuple[str, str]]:
     """One pass over the interleaved corpus: (id, text) of every non-empty, well-formed record."""
     for record in open_corpus(data, rank=0, world_size=1, seed=seed):
-        counters["documents_read"] += 1
-        if record.get("malformed"):
-            counters["documents_malformed"] += 1
-            counters["documents_skipped"] += 1
-        elif not record["text"] or record["text"].isspace():
-            counters["documents_skipped"] += 1
-        else:
-            yield record["id"], record["text"]
+        text = count_record(record, counters)
+        if text is not None:
+            yield record["id"], text
 
 
 def write_pretokenized(

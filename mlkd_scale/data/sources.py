@@ -468,3 +468,19 @@ def open_corpus(data: DataSpec, rank: int, world_size: int, seed: int) -> Iterab
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     return ds
+
+
+def count_record(record: dict, counters: dict) -> str | None:
+    """The text of a streamed record worth training on, or None; counts it in ``counters``
+    (``documents_read``, and ``documents_skipped`` / ``documents_malformed`` for a record that is
+    malformed, empty or only whitespace)."""
+    counters["documents_read"] += 1
+    if record.get("malformed"):
+        counters["documents_malformed"] += 1
+        counters["documents_skipped"] += 1
+        return None
+    text = record["text"]
+    if not text or text.isspace():
+        counters["documents_skipped"] += 1
+        return None
+    return text

@@ -22,9 +22,9 @@ import logging
 from collections.abc import Iterator
 
 from mlkd_scale.data.packing import Packer, collate
-from mlkd_scale.data.shuffle import Doc, ShuffleBuffer
 from mlkd_scale.data.pretokenized import PretokenizedStream
-from mlkd_scale.data.sources import DataError, open_corpus
+from mlkd_scale.data.shuffle import Doc, ShuffleBuffer
+from mlkd_scale.data.sources import DataError, count_record, open_corpus
 from mlkd_scale.spec import DataSpec
 
 STATE_VERSION = 1
@@ -81,16 +81,10 @@ class PackedStream:
                 self.ds.set_epoch(self.epoch)
                 self._it, self._loaded_ds_state, self._epoch_docs = None, None, 0
                 continue
-            self.counters["documents_read"] += 1
-            problem = record.get("malformed")
-            if problem:
-                self.counters["documents_malformed"] += 1
-                self.counters["documents_skipped"] += 1
-                self._log_malformed(problem)
-                continue
-            text = record["text"]
-            if not text or text.isspace():
-                self.counters["documents_skipped"] += 1
+            text = count_record(record, self.counters)
+            if text is None:
+                if record.get("malformed"):
+                    self._log_malformed(record["malformed"])
                 continue
             self._epoch_docs += 1
             return record["id"], text
