@@ -9,6 +9,7 @@ pack into full ``[CLS] … [SEP]`` sequences) once, tokenizing in worker process
     <dir>/input_ids.bin     [N, L] uint16 (uint32 for vocabularies over 65,535), row-major, raw
     <dir>/doc_offsets.bin   [N + 1] int64: sequence i holds documents doc_offsets[i]:doc_offsets[i+1]
     <dir>/doc_ids.txt       one line per document that starts in a sequence, in order (the source id)
+    <dir>/doc_id_bytes.bin  [D + 1] int64: line j of doc_ids.txt is bytes doc_id_bytes[j]:doc_id_bytes[j+1]
     <dir>/meta.json         format, shapes, dtype, tokenizer fingerprint, sources, counters
 
 ``meta.json`` is written last and the directory is renamed into place, so a directory with a
@@ -117,9 +118,9 @@ def write_pretokenized(
         sequences, tokens = 0, 0
         with (
             open(tmp / "input_ids.bin", "wb") as ids_file,
-            open(tmp / "doc_ids.txt", "w", encoding="utf-8") as doc_file,
+            open(tmp / "doc_ids.txt", "wb") as doc_file,
         ):
-            offsets = [0]
+            offsets, id_bytes = [0], [0]
             docs = _documents(data, seed, counters)
             chunks = iter(lambda: list(itertools.islice(docs, CHUNK_DOCS)), [])
             with _encoder_pool(tokenizer_path, workers) as encode_chunks:
@@ -133,7 +134,10 @@ def write_pretokenized(
                     while packer.ready():
                         sample = packer.pop()
                         rows.append(sample["input_ids"].numpy())
-                        doc_file.writelines(f"{d}\n" for d in sample["doc_ids"])
+                        for doc_id in sample["doc_ids"]:
+                            line = f"{doc_id}\n".encode()
+                            doc_file.write(line)
+                            id_bytes.append(id_bytes[-1] + len(line))
                         offsets.append(offsets[-1] + len(sample["doc_ids"]))
                     if rows:
                         np.stack(rows).astype(dtype).tofile(ids_file)
@@ -145,6 +149,7 @@ def write_pretokenized(
                 f"({counters['documents_packed']} documents packed); check the paths and text_field"
             )
         np.asarray(offsets, dtype=np.int64).tofile(tmp / "doc_offsets.bin")
+        np.asarray(id_bytes, dtype=np.int64).tofile(tmp / "doc_id_bytes.bin")
         meta = {
             "format": FORMAT,
             "num_sequences": sequences,
@@ -211,8 +216,7 @@ class PretokenizedStream:
     :class:`~mlkd_scale.data.stream.PackedStream` (``next_batch``, ``stats``, ``state_dict``).
 
     ``doc_ids`` in a batch are the source ids (from ``doc_ids.txt``) of the documents that start in
-    each sequence; the file is read only on the first request, so runs without the sample-id audit
-    never load it.
+    each sequence, read through a memory map by byte offsets: no rank ever holds the whole id list.
     """
 
     def __init__(self, data: DataSpec, tokenizer, rank: int, world_size: int, seed: int):
@@ -225,7 +229,8 @@ class PretokenizedStream:
             self.dir / "input_ids.bin", dtype=meta["dtype"], mode="r", shape=(n, length)
         )
         self.doc_offsets = np.fromfile(self.dir / "doc_offsets.bin", dtype=np.int64)
-        self._doc_ids: list[str] | None = None
+        self.doc_id_bytes = np.memmap(self.dir / "doc_id_bytes.bin", dtype=np.int64, mode="r")
+        self.doc_id_text = np.memmap(self.dir / "doc_ids.txt", dtype=np.uint8, mode="r")
         self.consumed = 0  # sequences taken by all ranks together: the whole position
         self._order_epoch, self._order = -1, None
 
@@ -282,9 +287,11 @@ class PretokenizedStream:
         }
 
     def _docs_of(self, row: int) -> list[str]:
-        if self._doc_ids is None:
-            self._doc_ids = (self.dir / "doc_ids.txt").read_text(encoding="utf-8").splitlines()
-        return self._doc_ids[self.doc_offsets[row] : self.doc_offsets[row + 1]]
+        first, last = self.doc_offsets[row], self.doc_offsets[row + 1]
+        if first == last:  # no document starts in this sequence
+            return []
+        raw = self.doc_id_text[self.doc_id_bytes[first] : self.doc_id_bytes[last]].tobytes()
+        return raw.decode("utf-8").splitlines()
 
     def stats(self) -> dict:
         """The corpus counters of the pretokenize pass, this rank's sequences so far, the epoch."""
