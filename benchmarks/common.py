@@ -107,8 +107,8 @@ def build_models(
 ) -> tuple[BertModel, BertModel, DistillationObjective]:
     """A frozen random teacher, a fresh student and the objective, built the way the trainer builds them.
 
-    Random weights: only shapes matter for time. When the objective needs attention maps (TinyBERT),
-    both models are switched to eager attention, as :class:`mlkd_scale.engine.trainer.Trainer` does.
+    Random weights: only shapes matter for time. Both run SDPA; a :class:`FeatureTap` asking for
+    attention maps (TinyBERT) computes them explicitly in the mapped layers only.
     """
     device = torch.device(device)
     teacher = freeze(BertModel(teacher_config(shapes))).to(device, DTYPES[teacher_dtype])
@@ -118,9 +118,6 @@ def build_models(
     )
     student = build_student(teacher, spec, objective.layer_map).to(device).train()
     objective.to(device)
-    if objective.needs_attention_maps:
-        teacher.set_attn_implementation("eager")
-        student.set_attn_implementation("eager")
     return teacher, student, objective
 
 

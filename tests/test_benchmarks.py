@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import common
 import peers
 
-from mlkd_scale.models import FeatureTap
+from mlkd_scale.models import FeatureTap, TapRequest
 from mlkd_scale.spec import LossesSpec
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -87,7 +87,10 @@ def _tiny_pair(teacher_dtype: torch.dtype):
 
 
 def _ours(teacher, student, objective, batch) -> dict[str, torch.Tensor]:
-    with FeatureTap(teacher, objective.teacher_request()) as t_tap, torch.no_grad():
+    # Every teacher layer computes its map explicitly, as eager attention does, so that a bf16 teacher
+    # gives both sides the same forward; that the selective path equals eager is test_taps' job.
+    every_layer = TapRequest(attention_layers=frozenset(range(1, teacher.config.num_hidden_layers + 1)))
+    with FeatureTap(teacher, objective.teacher_request().merged(every_layer)) as t_tap, torch.no_grad():
         t_feats = t_tap(**batch)
     with FeatureTap(student, objective.student_request()) as s_tap:
         s_feats = s_tap(**batch)
@@ -95,7 +98,14 @@ def _ours(teacher, student, objective, batch) -> dict[str, torch.Tensor]:
     return {**terms, "total": total}
 
 
+def _as_peers_run(*models):
+    """The peers need every layer's attention map: eager attention (ours computes them selectively)."""
+    for model in models:
+        model.set_attn_implementation("eager")
+
+
 def _hf_outputs(teacher, student, batch):
+    _as_peers_run(teacher, student)
     with torch.no_grad():
         t = teacher(**batch, output_hidden_states=True, output_attentions=True)
     s = student(**batch, output_hidden_states=True, output_attentions=True)
@@ -138,6 +148,7 @@ def test_textbrewer_losses_equal_our_tinybert_terms(tmp_path):
     pytest.importorskip("textbrewer")
     teacher, student, objective, batch = _tiny_pair(torch.float32)
     ours = _ours(teacher, student, objective, batch)
+    _as_peers_run(teacher, student)
     distiller = peers.build_textbrewer(
         teacher, student, objective.layer_map, "cpu", str(tmp_path), upcast=False
     )

@@ -92,6 +92,20 @@ def test_plain_python_single_process_bf16(tmp_path, assets):
     assert read_complete(tmp_path / "out" / "checkpoints" / "step00000002")["world_size"] == 1
 
 
+def test_tinybert_preset_runs_on_sdpa_models(tmp_path, assets):
+    """The attention loss gets its maps from the mapped layers; nothing switches the models to eager."""
+    teacher, corpus = assets
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=2, train__zero_stage=0,
+                     student__num_heads=12, losses__preset="tinybert")
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=child_env())
+    check_ok(proc)
+    scalars = read_scalars(tmp_path / "out" / "tensorboard")
+    for tag in ("loss/emb", "loss/attn", "loss/hidden"):
+        assert [s for s, _ in scalars[tag]] == [1, 2] and all(v > 0 and math.isfinite(v) for _, v in scalars[tag])
+    assert AutoModel.from_pretrained(tmp_path / "out" / "student").config.num_attention_heads == 12
+
+
 def test_torchrun(tmp_path, assets):
     teacher, corpus = assets
     check_ok(run_torchrun(make_spec(tmp_path, teacher, corpus, train__max_steps=2)))

@@ -5,6 +5,7 @@ import torch
 from tiny_models import tiny_batch, tiny_teacher
 
 from mlkd_scale.models import FeatureTap, TapRequest
+from mlkd_scale.models.selective_attention import SELECTIVE_ATTENTION
 
 
 def test_taps_match_the_models_own_outputs():
@@ -42,19 +43,67 @@ def test_context_is_the_concatenated_head_output_before_the_output_projection():
     assert ctx.shape == (4, 12, 48)
 
 
-def test_qkv_and_attention_maps_need_eager_only_for_attention():
+def test_qkv_taps_keep_sdpa():
     model = tiny_teacher()
-    with pytest.raises(ValueError, match="set_attn_implementation"):
-        FeatureTap(model, TapRequest(attention_layers=frozenset({1})))
-    assert model.config._attn_implementation == "sdpa"
     with torch.no_grad(), FeatureTap(model, TapRequest(qkv_layers=frozenset({3}))) as tap:
         q, k, v = tap(**tiny_batch()).qkv[3]
     assert q.shape == k.shape == v.shape == (4, 12, 48)
-    model.set_attn_implementation("eager")
-    with torch.no_grad(), FeatureTap(model, TapRequest(attention_layers=frozenset({2}))) as tap:
-        probs = tap(**tiny_batch()).attentions[2]
-    assert probs.shape == (4, 12, 12, 12)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 12, 12))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _every_layer_attention(model):
+    """Each layer's self-attention weights output (None where the layer ran SDPA)."""
+    seen = {}
+    handles = [
+        layer.attention.self.register_forward_hook(lambda _m, _a, out, n=n: seen.__setitem__(n, out[1]))
+        for n, layer in enumerate(model.encoder.layer, start=1)
+    ]
+    return seen, handles
+
+
+def test_attention_maps_only_in_requested_layers_equal_eager_ones():
+    """An SDPA model gives eager's probabilities in the tapped layer; the other layers stay SDPA."""
+    model, reference = tiny_teacher(), tiny_teacher()
+    reference.set_attn_implementation("eager")
+    batch = tiny_batch()
+    seen, handles = _every_layer_attention(model)
+    request = TapRequest(attention_layers=frozenset({2}), hidden_layers=frozenset({4}))
+    with torch.no_grad(), FeatureTap(model, request) as tap:
+        assert model.config._attn_implementation == SELECTIVE_ATTENTION
+        feats = tap(**batch)
+        ref = reference(**batch, output_attentions=True, output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    assert [n for n, weights in sorted(seen.items()) if weights is not None] == [2]
+    torch.testing.assert_close(feats.attentions[2], ref.attentions[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(feats.hidden[4], ref.hidden_states[4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats.attentions[2].sum(-1), torch.ones(4, 12, 12))
+    assert model.config._attn_implementation == "sdpa", "removing the tap restores the implementation"
+    assert not any(hasattr(m, "mlkd_returns_attention_map") for m in model.modules())
+
+
+def test_tapped_attention_maps_train_like_eager_ones():
+    """Gradients through the tapped maps (TinyBERT's student) equal eager attention's, dropout off."""
+    model, reference = tiny_teacher(), tiny_teacher()
+    reference.set_attn_implementation("eager")
+    batch = tiny_batch()
+    layers = frozenset({1, 3})
+    request = TapRequest(attention_layers=layers, hidden_layers=frozenset({4}))
+    with FeatureTap(model.requires_grad_(True), request) as tap:
+        feats = tap(**batch)
+        (sum(feats.attentions[n].square().sum() for n in layers) + feats.hidden[4].sum()).backward()
+    out = reference.requires_grad_(True)(**batch, output_attentions=True)
+    (sum(out.attentions[n - 1].square().sum() for n in layers) + out.last_hidden_state.sum()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_attention_maps_refuse_an_implementation_they_cannot_mask():
+    model = tiny_teacher()
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        FeatureTap(model, TapRequest(attention_layers=frozenset({1})))
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
 def test_hooks_are_removed_and_nothing_unrequested_is_kept():

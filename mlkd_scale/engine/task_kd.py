@@ -167,9 +167,6 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
             objective = DistillationObjective(
                 spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression, qa=qa
             )
-            if objective.needs_attention_maps:
-                teacher.set_attn_implementation("eager")
-                student.set_attn_implementation("eager")
             module = DistillationModule(student, objective)
             compile_for_speed(spec.train.compile, teacher, module, spec.teacher.placement)
             return module

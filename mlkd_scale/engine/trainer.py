@@ -59,9 +59,6 @@ class Trainer:
         )
         student = build_student(teacher, spec.student, layer_map)
         objective = DistillationObjective(spec.losses, teacher.config, student.config, stage=1)
-        if objective.needs_attention_maps:
-            teacher.set_attn_implementation("eager")
-            student.set_attn_implementation("eager")
         self.placed_teacher = place_teacher(teacher, spec.teacher, self.plan, self.dist.device)
         self.teacher = self.placed_teacher.model
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())

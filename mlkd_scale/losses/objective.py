@@ -7,7 +7,8 @@ of one stage. Presets:
 * ``mlkd`` (the paper) — stage 1: L_EMB + L_MHA + L_FFN; stage 2: L_SS + L_SC + L_KD
   (L_KD is an MSE for regression; L_SC is off or on binned scores for regression).
 * ``tinybert`` — stage 1: embedding MSE, attention-probability MSE, hidden MSE (projected);
-  stage 2: soft cross-entropy. Needs equal head counts and eager attention.
+  stage 2: soft cross-entropy. Needs equal head counts; the attention maps are computed
+  in the mapped layers only (:mod:`~mlkd_scale.models.selective_attention`).
 * ``minilmv2`` — stage 1: Q-Q, K-K, V-V relations over A_r relation heads, one teacher layer into
   the student's last layer; stage 2: KD.
 * ``distilbert`` — stage 1: cosine loss on the last hidden states; stage 2: KD·τ² + cosine.
@@ -183,11 +184,6 @@ class DistillationObjective(nn.Module):
         return self.projections[0 if len(self.projections) == 1 else index]
 
     # ---- what the models must expose ----------------------------------------------------------
-
-    @property
-    def needs_attention_maps(self) -> bool:
-        """True only for TinyBERT's attention loss: the one term that needs eager attention."""
-        return "attn" in self.weights
 
     def teacher_request(self) -> TapRequest:
         return self._request(teacher=True)

@@ -9,7 +9,8 @@ the unmodified modules:
                     ``attention.output.dense`` (before the output projection W^O)        [B, L, d]
 * ``hidden[n]``   — layer n's output hidden state (after the FFN residual + LayerNorm)   [B, L, d]
 * ``qkv[n]``      — layer n's query, key and value projections (MiniLMv2 relations)      3 × [B, L, d]
-* ``attentions[n]`` — layer n's attention probabilities (TinyBERT only; needs eager attention)
+* ``attentions[n]`` — layer n's attention probabilities (TinyBERT only; computed explicitly in
+                    the requested layers only, see :mod:`~mlkd_scale.models.selective_attention`)
                                                                                      [B, H, L, L]
 * ``cls``         — the final layer's [CLS] vector (not the tanh pooler)                 [B, d]
 * ``logits``      — the head's logits when the model has one (:func:`head_logits`)      [B, C]
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from mlkd_scale.models.selective_attention import mark_attention_maps, unmark_attention_maps
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,10 @@ class FeatureTap:
         bad = sorted(n for n in wanted if not 1 <= n <= num_layers)
         if bad:
             raise ValueError(f"layers {bad} requested from a model with {num_layers} layers (valid: 1..{num_layers})")
-        if request.attention_layers and model.config._attn_implementation != "eager":
-            raise ValueError(
-                "attention maps were requested but the model runs "
-                f"'{model.config._attn_implementation}' attention; call model.set_attn_implementation('eager')"
-            )
+        self._mapped_attention = [layers[n - 1].attention.self for n in sorted(request.attention_layers)]
+        self._attention_before = (
+            mark_attention_maps(model, self._mapped_attention) if self._mapped_attention else None
+        )
         if request.embeddings:
             self._hook(embeddings, "embeddings")
         for n in request.context_layers:
@@ -171,6 +173,9 @@ class FeatureTap:
             handle.remove()
         self._handles.clear()
         self._store.clear()
+        if self._attention_before is not None:
+            unmark_attention_maps(self.model, self._mapped_attention, self._attention_before)
+            self._attention_before = None
 
     def __enter__(self) -> FeatureTap:  # noqa: PYI034
         return self
