@@ -19,15 +19,26 @@ from mlkd_scale.losses.numerics import fp32_loss
 _MASKED = -1e9
 
 
-def split_relation_logits(x: torch.Tensor, num_splits: int) -> torch.Tensor:
-    """[B, L, d] → [B, A, L, L]: scaled dot products within each of A contiguous feature groups."""
+def split_relation_logits(
+    x: torch.Tensor, num_splits: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, L, d] → [B, A, L, L]: scaled dot products within each of A contiguous feature groups.
+
+    attention_mask [B, L] (1 = real token): padded keys get ``_MASKED`` added to their column.
+    """
     batch, length, width = x.shape
     if width % num_splits:
         raise ValueError(f"a width of {width} cannot be cut into {num_splits} equal splits")
     split_width = width // num_splits
     xs = x.float().reshape(batch, length, num_splits, split_width).transpose(1, 2)
     # Scale the [.., L, d/A] operand rather than the [.., L, L] product: fewer elements to touch.
-    return torch.matmul(xs * split_width**-0.5, xs.transpose(-1, -2))
+    logits = torch.matmul(xs * split_width**-0.5, xs.transpose(-1, -2))
+    if attention_mask is not None:
+        # In place on the fresh product: no second [B, A, L, L] tensor, and the backward of adding a
+        # constant passes the gradient through untouched (a masked_fill would mask it again).
+        padded_keys = attention_mask[:, None, None, :] == 0
+        logits.add_(padded_keys.to(logits.dtype) * _MASKED)
+    return logits
 
 
 @fp32_loss
@@ -36,18 +47,14 @@ def relation_kl(
 ) -> torch.Tensor:
     """Mean over real query rows (and splits) of KL(softmax(t_row) ‖ softmax(s_row)).
 
-    t_logits, s_logits: [B, A, L, L] relation logits; attention_mask: [B, L], 1 = real token.
-    The teacher side carries no gradient. Computed as
+    t_logits, s_logits: [B, A, L, L] relation logits whose padded keys are already masked
+    (:func:`split_relation_logits` with the mask); attention_mask: [B, L], 1 = real token, selects
+    the query rows averaged over. The teacher side carries no gradient. Computed as
     KL = Σ_j p_j log p_j + logsumexp_j(s_j) − Σ_j p_j s_j  (p = softmax(t), using Σ_j p_j = 1),
     which is the same value as Σ_j p_j (log p_j − log softmax(s)_j) but leaves the student's side
     with one logsumexp and one weighted sum to differentiate instead of a full log-softmax.
     """
     t_logits = t_logits.detach()
-    if attention_mask is not None:
-        real = attention_mask.to(torch.bool)
-        keys = real[:, None, None, :]
-        t_logits = t_logits.masked_fill(~keys, _MASKED)
-        s_logits = s_logits.masked_fill(~keys, _MASKED)
     with torch.no_grad():
         t_logp = F.log_softmax(t_logits, dim=-1)
         t_prob = t_logp.exp()
@@ -69,7 +76,9 @@ def embedding_relation_loss(
     R^T = softmax(E^T E^Tᵀ/√dT), R^S = softmax(E^S E^Sᵀ/√dS) per sequence, padded keys masked;
     L_EMB = (1/#real rows) Σ_{b, real i} KL(R^T_{b,i} ‖ R^S_{b,i}).
     """
-    return relation_kl(split_relation_logits(t_emb, 1), split_relation_logits(s_emb, 1), attention_mask)
+    return relation_kl(
+        split_relation_logits(t_emb, 1, attention_mask), split_relation_logits(s_emb, 1, attention_mask), attention_mask
+    )
 
 
 @fp32_loss
@@ -86,7 +95,9 @@ def mha_relation_loss(
     The objective sums this over mapped layer pairs (no 1/N, as in the paper).
     """
     return relation_kl(
-        split_relation_logits(t_ctx, num_splits), split_relation_logits(s_ctx, num_splits), attention_mask
+        split_relation_logits(t_ctx, num_splits, attention_mask),
+        split_relation_logits(s_ctx, num_splits, attention_mask),
+        attention_mask,
     )
 
 
