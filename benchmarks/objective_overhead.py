@@ -7,6 +7,10 @@ after warm-up, and the median of the per-pair ratios is printed, so machine nois
 
     .venv/bin/python benchmarks/objective_overhead.py              # BERT-base teacher, 4L-312 student
     .venv/bin/python benchmarks/objective_overhead.py --pairs 20 --batch 8 --seq 128
+    .venv/bin/python benchmarks/objective_overhead.py --compile   # also the objective under torch.compile
+
+``--compile`` adds a third step, the same objective compiled as ``train.compile: objective`` does
+(``nn.Module.compile`` of the losses and projections; the models stay eager), in the same rotation.
 
 Random weights: only shapes matter for time.
 """
@@ -14,6 +18,7 @@ Random weights: only shapes matter for time.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -35,10 +40,7 @@ def build(args):
     return teacher, student, objective, batch
 
 
-def make_objective_step(teacher, student, objective):
-    t_tap = FeatureTap(teacher, objective.teacher_request())
-    s_tap = FeatureTap(student, objective.student_request())
-
+def make_objective_step(t_tap: FeatureTap, s_tap: FeatureTap, objective):
     def step(batch):
         with torch.no_grad():
             t_feats = t_tap(**batch)
@@ -62,6 +64,7 @@ def main() -> None:
         "--padding", action="store_true", help="pad half of one row (task batches) instead of packed full rows"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU machine)")
+    parser.add_argument("--compile", action="store_true", help="also time the objective under torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,22 +72,35 @@ def main() -> None:
     torch.manual_seed(0)
     teacher, student, objective, batch = build(args)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    objective_step = make_objective_step(teacher, student, objective)
-    steps = {"bare": lambda: bare_step(teacher, student, batch), "objective": lambda: objective_step(batch)}
+    t_tap = FeatureTap(teacher, objective.teacher_request())  # the compiled copy asks for the same
+    s_tap = FeatureTap(student, objective.student_request())
+    steps = {
+        "bare": lambda batch: bare_step(teacher, student, batch),
+        "objective": make_objective_step(t_tap, s_tap, objective),
+    }
+    trained = [student, objective]
+    if args.compile:
+        compiled = copy.deepcopy(objective)
+        compiled.compile()
+        steps["compiled"] = make_objective_step(t_tap, s_tap, compiled)
+        trained.append(compiled)
     for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
+        for name, fn in steps.items():
+            fn(batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    ratios, cpu_ratios = [], []
+    ratios: dict[str, list[float]] = {name: [] for name in steps if name != "bare"}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
+    names = list(steps)
     for i in range(args.pairs):
-        order = list(steps) if i % 2 == 0 else list(reversed(steps))
-        pair = {name: timed_with_cpu(steps[name], sync) for name in order}
-        for name, (seconds, _) in pair.items():
+        order = names[i % len(names):] + names[: i % len(names)]  # every step takes every position
+        timed = {name: timed_with_cpu(lambda name=name: steps[name](batch), sync) for name in order}
+        for name, (seconds, _) in timed.items():
             times[name].append(seconds)
-        ratios.append(pair["objective"][0] / pair["bare"][0])
-        cpu_ratios.append(pair["objective"][1] / pair["bare"][1])
-        student.zero_grad(set_to_none=True)
-        objective.zero_grad(set_to_none=True)
+        for name in ratios:
+            ratios[name].append(timed[name][0] / timed["bare"][0])
+            cpu_ratios[name].append(timed[name][1] / timed["bare"][1])
+        for module in trained:
+            module.zero_grad(set_to_none=True)
     tokens = args.batch * args.seq
     print(
         f"device={args.device} threads={torch.get_num_threads()} teacher=BERT-base({args.teacher_dtype}) "
@@ -95,8 +111,10 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f}")
-    print(f"overhead ratio objective/bare (median of paired ratios): {statistics.median(ratios):.3f}")
-    print(f"same ratio in process CPU time (steadier on a busy machine): {statistics.median(cpu_ratios):.3f}")
+    for name in ratios:
+        print(f"overhead ratio {name}/bare (median of paired ratios): {statistics.median(ratios[name]):.3f}")
+        cpu = statistics.median(cpu_ratios[name])
+        print(f"same ratio in process CPU time (steadier on a busy machine): {cpu:.3f}")
 
 
 if __name__ == "__main__":

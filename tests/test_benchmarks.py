@@ -280,6 +280,14 @@ def test_objective_overhead_uses_the_shared_pieces():
     assert objective_overhead.timed_with_cpu is common.timed_with_cpu
 
 
+def test_objective_overhead_script_with_the_compiled_objective(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "objective_overhead.py"), "--batch", "1", "--seq", "16",
+           "--pairs", "3", "--warmup", "1", "--padding", "--compile", "--threads", "1"]
+    out = _run(cmd, tmp_path).stdout
+    for name in ("objective", "compiled"):
+        assert f"overhead ratio {name}/bare" in out
+
+
 @pytest.mark.launcher
 def test_throughput_under_the_deepspeed_launcher(tmp_path):
     out = tmp_path / "throughput.json"
