@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from mlkd_scale.losses.numerics import fp32_loss
 
-# Masked logits are set to this instead of -inf: exp() still gives exactly 0 in fp32, and the
-# KL term p·(log p − log q) stays 0·finite = 0 instead of 0·(−inf + inf) = NaN.
+# Added to masked logits instead of -inf: exp() still gives exactly 0 in fp32, and the KL term
+# p·(log p − log q) stays 0·finite = 0 instead of 0·(−inf + inf) = NaN.
 _MASKED = -1e9
 
 
