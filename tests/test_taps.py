@@ -129,3 +129,11 @@ def test_bad_requests_are_clear():
             tap(**tiny_batch())
     with pytest.raises(TypeError, match="BERT layout"):
         FeatureTap(torch.nn.Linear(2, 2), TapRequest())
+
+
+def test_attention_maps_refuse_a_model_that_cannot_switch(monkeypatch):
+    model = tiny_teacher()
+    monkeypatch.setattr(model, "set_attn_implementation", lambda _name: None)  # what HF does: warn, keep
+    with pytest.raises(ValueError, match="cannot switch its attention implementation"):
+        FeatureTap(model, TapRequest(attention_layers=frozenset({1})))
+    assert not any(hasattr(m, "mlkd_returns_attention_map") for m in model.modules())

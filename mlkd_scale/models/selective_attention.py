@@ -74,9 +74,14 @@ def mark_attention_maps(model: nn.Module, attention_modules: list[nn.Module]) ->
             f"attention maps were requested from a model running '{previous}' attention; load it with "
             "attn_implementation='sdpa' (the layers whose maps are read then compute them explicitly)"
         )
+    model.set_attn_implementation(SELECTIVE_ATTENTION)
+    if model.config._attn_implementation != SELECTIVE_ATTENTION:  # the class cannot switch (HF only warns)
+        raise ValueError(
+            f"{type(model).__name__} cannot switch its attention implementation at run time, so its "
+            "attention maps cannot be tapped; use a model class built on transformers' AttentionInterface"
+        )
     for module in attention_modules:
         setattr(module, _MARK, True)
-    model.set_attn_implementation(SELECTIVE_ATTENTION)
     return previous
 
 
