@@ -85,7 +85,7 @@ def main() -> None:
         steps["compiled"] = make_objective_step(t_tap, s_tap, compiled)
         trained.append(compiled)
     for _ in range(args.warmup):
-        for name, fn in steps.items():
+        for fn in steps.values():
             fn(batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
     ratios: dict[str, list[float]] = {name: [] for name in steps if name != "bare"}
