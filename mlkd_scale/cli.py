@@ -78,10 +78,11 @@ def agreement(teacher: str, student: str, heldout: str, limit: int = 400, seed: 
     """Spearman agreement of STUDENT's and TEACHER's sentence similarities on HELDOUT text.
 
     HELDOUT is a heldout.jsonl (or its directory) from ``python -m mlkd_scale.data.local_corpus``;
-    an untrained student of the same architecture is scored alongside as the baseline.
+    an untrained student of the same architecture, the teacher's embedding layer alone and a
+    TF-IDF bag of words are scored alongside: the references with no context to beat.
     """
     from mlkd_scale.data.local_corpus import heldout_sentences
-    from mlkd_scale.evaluation import agreement_report
+    from mlkd_scale.evaluation import agreement_report, format_report
 
     for path, what in ((teacher, "teacher"), (student, "student")):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -89,11 +90,7 @@ def agreement(teacher: str, student: str, heldout: str, limit: int = 400, seed: 
     sentences = heldout_sentences(heldout, limit=limit)
     if len(sentences) < 3:
         _fail(f"agreement: {heldout} has {len(sentences)} usable sentences; need at least 3")
-    report = agreement_report(teacher, student, sentences, seed=seed)
-    print(
-        f"agreement with the teacher (Spearman of pairwise sentence similarities, {report['sentences']} "
-        f"held-out sentences): trained student {report['trained']:.3f}, untrained student {report['untrained']:.3f}"
-    )
+    print(format_report(agreement_report(teacher, student, sentences, seed=seed)))
 
 
 def pretokenize(spec: str, out: str | None = None, workers: int | None = None) -> None:
