@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -343,3 +344,42 @@ def test_data_loading_compares_both_paths(tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("streamed", "pretok"))}
     assert set(rows) == {"streamed", "pretokenized"}
     assert float(rows["streamed"][-1]) == 1.0 and float(rows["pretokenized"][1].replace(",", "")) > 0
+
+
+def test_compare_presets_smoke(tmp_path):
+    """The preset comparison end to end on tiny models: general KD, agreement, task KD, latency, table, plot."""
+    from run_fixtures import make_corpus, make_teacher
+
+    teacher = make_teacher(tmp_path / "teacher")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    make_corpus(corpus / "train.jsonl", docs=80)
+    sentences = [
+        "The parser reads every line of the file and returns a list of words.",
+        "A socket connects two programs that exchange bytes over the network.",
+        "This function returns the absolute value of the number given to it.",
+        "The queue holds items until a worker thread takes them for processing.",
+    ]
+    (corpus / "heldout.jsonl").write_text(json.dumps({"id": "h", "text": " ".join(sentences)}) + "\n")
+    out = tmp_path / "compare"
+    student = {"num_layers": 2, "hidden_size": 48, "num_heads": 12, "intermediate_size": 96, "init": "teacher_layers"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compare_presets.py"), "--variants", "mlkd", "mlkd-4h",
+         "--seeds", "0", "--steps", "2", "--batch", "4", "--seq", "32", "--task-epochs", "1",
+         "--latency-rounds", "2", "--threads", "1", "--out", str(out), "--teacher", str(teacher),
+         "--corpus", str(corpus), "--task-data", str(REPO / "tests/assets/glue/SST-2"),
+         "--student", json.dumps(student), "--finetune", json.dumps({"epochs": 1})],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("mlkd", "0"), ("mlkd-4h", "0")]
+    for row in rows:
+        assert -1 <= float(row["agreement"]) <= 1 and 0 <= float(row["dev_accuracy"]) <= 1
+        assert float(row["inference_ms"]) > 0
+    report = (out / "results.md").read_text()
+    assert "mlkd-4h" in report and "tfidf" in report and (out / "results.png").stat().st_size > 0
+    # the 4-head student really has 4 heads; the comparison reuses finished runs when run again
+    config = json.loads((out / "mlkd-4h-seed0" / "general" / "student" / "config.json").read_text())
+    assert config["num_attention_heads"] == 4
+    assert json.loads((out / "mlkd-seed0" / "run.json").read_text())["variant"] == "mlkd"
