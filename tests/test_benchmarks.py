@@ -130,7 +130,7 @@ def test_hf_loop_losses_equal_our_tinybert_terms(teacher_dtype):
 
 def test_the_peers_attention_maps_are_scores_with_masked_keys_zeroed():
     """Scores, not probabilities: negative entries, and padded keys at ≤ −100 (zeroed by the loss)."""
-    teacher, student, objective, batch = _tiny_pair(torch.float32)
+    teacher, student, _, batch = _tiny_pair(torch.float32)
     t, _ = _hf_outputs(teacher, student, batch)
     scores = t.attentions[0]
     padded_keys = batch["attention_mask"][:, None, None, :] == 0

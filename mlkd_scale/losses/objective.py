@@ -82,7 +82,8 @@ class DistillationObjective(nn.Module):
         terms = preset.stage_terms()
         needs_labels = preset.label_terms & set(terms)
         if self.qa:
-            on = sorted(t for t in needs_labels if losses.weights.get(t, 0.0) > 0)
+            on = [f"{t} ({preset.titles[t]})" if t in preset.titles else t for t in sorted(needs_labels)
+                  if losses.weights.get(t, 0.0) > 0]
             if on:
                 raise ValueError(
                     f"losses.weights: {', '.join(on)} needs class labels, which question answering has not; "

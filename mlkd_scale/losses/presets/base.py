@@ -81,6 +81,8 @@ class Preset:
     #: Terms that need class labels: off for question answering, and for regression unless
     #: :meth:`label_terms_for_regression` keeps them.
     label_terms: ClassVar[frozenset[str]] = frozenset()
+    #: Long names of terms, for messages (``sc`` -> ``sample-contrastive``).
+    titles: ClassVar[dict[str, str]] = {}
     #: Terms (per stage) that read masked-LM logits [B, L, V] and labels [B, L].
     masked_lm_terms: ClassVar[dict[int, frozenset[str]]] = {}
     #: Weights of terms the spec does not name, per stage (a term missing here weighs 1.0).

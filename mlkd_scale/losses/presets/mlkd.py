@@ -28,6 +28,7 @@ class MlkdPreset(Preset):
     name = "mlkd"
     terms: ClassVar[dict[int, tuple[str, ...]]] = {1: ("emb", "mha", "ffn"), 2: ("ss", "sc", "kd")}
     label_terms = frozenset({"sc"})
+    titles: ClassVar[dict[str, str]] = {"sc": "sample-contrastive"}
     reads = (
         "weights", "layer_mapping", "mha_splits", "mask_padding", "projection", "ffn_reduction",
         "kd_temperature", "kd_scale_by_t2", "contrastive_temperature", "contrastive_projection",
