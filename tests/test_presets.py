@@ -23,7 +23,6 @@ from mlkd_scale.losses.presets.base import TermInputs
 from mlkd_scale.models import FeatureTap, TapRequest, build_student
 from mlkd_scale.spec import LossesSpec, SpecError, StudentSpec, TaskSpec, format_validation_error
 from mlkd_scale.spec.presets import BUILTIN_PRESETS, known_presets
-from mlkd_scale.spec.sections import LossesSpec as SectionLosses
 
 
 def _pair(teacher, heads=12, width=24):
@@ -45,7 +44,7 @@ def _features(teacher, student, objective, batch):
 def test_the_registry_holds_exactly_the_builtin_names_and_each_declares_what_it_reads():
     assert sorted(PRESETS) == sorted(BUILTIN_PRESETS)
     for preset in PRESETS.values():
-        assert set(preset.reads) <= set(SectionLosses.model_fields), preset.name
+        assert set(preset.reads) <= set(LossesSpec.model_fields), preset.name
         assert set(preset.terms) == {1, 2}
 
 
