@@ -13,20 +13,24 @@ AdamW step (the project's optimizer settings). Candidates:
 * ``bare-engine``   the bare step (SDPA) through our DeepSpeed engine (same config as ours): the price
                     of the engine's backward/step machinery alone, without taps or losses.
 * ``ours-tinybert`` our DeepSpeed engine step (``FeatureTap`` + ``DistillationObjective`` with
-                    ``LossesSpec(preset="tinybert")``; ZeRO stage ``--zero-stage``); attention maps
+                    ``LossesSpec(preset="tinybert")``; ZeRO stage ``--zero-stage``); attention scores
                     computed in the mapped layers only (4 of the teacher's 12), SDPA in the others.
 * ``ours-mlkd``     the same with the ``mlkd`` preset (L_EMB + L_MHA + L_FFN), SDPA attention.
 * ``hf-loop``       a plain PyTorch loop over Hugging Face outputs (``output_hidden_states=True,
-                    output_attentions=True``, eager attention) computing TinyBERT's losses by hand.
+                    output_attentions=True``, eager attention registered to return the scores,
+                    :data:`EAGER_SCORES`) computing TinyBERT's losses by hand.
 * ``textbrewer``    TextBrewer's ``GeneralDistiller`` with intermediate matches ``hidden_mse`` (with a
                     ``linear`` ``proj`` per layer) and ``attention_mse``: one iteration of the body of
                     its ``train_with_num_steps`` loop — ``train_on_batch`` (its own forward and
                     ``compute_loss``), ``write_loss`` (which calls ``.item()`` on every term even
                     without a log dir), backward, clipping of the student's parameters, step.
 
-TinyBERT's losses here: embedding MSE with a projection, hidden-state MSE with one projection per
-uniformly mapped layer (student n ← teacher 3n for 4 of 12 layers), attention-probability MSE; equal
-head counts (12/12), padded positions masked (the batch has padding in its first row).
+TinyBERT's losses here, as its task_distill.py computes them: embedding and hidden-state MSE through
+one shared ``fit_dense`` projection, uniformly mapped layers (student n ← teacher 3n for 4 of 12),
+and the MSE of the unnormalised attention scores with masked entries (≤ −100) zeroed; equal head
+counts (12/12); every mean over all positions, padding included (the batch has padding in its first
+row). TextBrewer's built-in matches differ in two details that cost the same: a projection per match
+and a −1e-3 zeroing threshold (see :func:`textbrewer_matches`).
 
 Candidates alternate in rounds after warm-up (the order rotates each round, so each candidate runs
 in each position equally often); the table shows each candidate's median step time, tokens/s, the
@@ -74,6 +78,8 @@ from common import (
     timed_with_cpu,
 )
 from torch import nn
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import AttentionInterface
 
 from mlkd_scale.engine.distributed import init_distributed
 from mlkd_scale.engine.module import DistillationModule
@@ -88,42 +94,55 @@ GRAD_CLIP = 1.0  # TrainSpec's default, which the DeepSpeed engine applies too
 
 # ---- TinyBERT's losses by hand, from Hugging Face's output tuples --------------------------------
 
-
-def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, d] states; the mean of the squared error over the real tokens' elements, in fp32."""
-    real = mask.float().unsqueeze(-1)
-    error = (student.float() - teacher.float()).square() * real
-    return error.sum() / (real.sum() * student.shape[-1])
+#: An attention implementation a user would register to get TinyBERT's unnormalised scores out of
+#: ``output_attentions=True``: Hugging Face's eager attention, returning the scores before the softmax.
+EAGER_SCORES = "eager_scores"
 
 
-def masked_attention_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, H, L, L] probabilities; the mean over heads, real query rows and real keys, in fp32."""
-    real = mask.float()
-    pairs = real[:, None, :, None] * real[:, None, None, :]  # [B, 1, L, L]
-    error = (student.float() - teacher.float()).square() * pairs
-    return error.sum() / (pairs.sum() * student.shape[1])
+def eager_scores_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """BERT's eager attention (transformers' ``eager_attention_forward``) that returns, as its
+    attention weights, the scores QKᵀ/√d_k + additive mask [B, H, L, L] instead of the probabilities."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), scores
+
+
+AttentionInterface.register(EAGER_SCORES, eager_scores_attention_forward)
+AttentionMaskInterface.register(EAGER_SCORES, eager_mask)
+
+
+def zeroed_mse(student: torch.Tensor, teacher: torch.Tensor, below: float = -100.0) -> torch.Tensor:
+    """TinyBERT's attention MSE: entries ≤ ``below`` set to 0 on both sides, then ``nn.MSELoss()``."""
+    student = torch.where(student <= below, torch.zeros_like(student), student)
+    teacher = torch.where(teacher <= below, torch.zeros_like(teacher), teacher)
+    return nn.MSELoss()(student.float(), teacher.float())
 
 
 def tinybert_reference_losses(
     t_hidden: tuple[torch.Tensor, ...],
-    t_attentions: tuple[torch.Tensor, ...],
+    t_scores: tuple[torch.Tensor, ...],
     s_hidden: tuple[torch.Tensor, ...],
-    s_attentions: tuple[torch.Tensor, ...],
-    projections: nn.ModuleList,
-    mask: torch.Tensor,
+    s_scores: tuple[torch.Tensor, ...],
+    fit_dense: nn.Module,
     layer_map: list[int],
 ) -> dict[str, torch.Tensor]:
-    """TinyBERT's stage-1 losses as a user would write them against ``output_hidden_states`` /
-    ``output_attentions``: ``hidden[0]`` is the embedding output, ``hidden[n]`` layer n's output,
-    ``attentions[n-1]`` layer n's probabilities. ``projections[0]`` maps the embeddings,
-    ``projections[n]`` student layer n; ``layer_map[n-1]`` is the teacher layer of student layer n.
+    """TinyBERT's stage-1 losses as its task_distill.py computes them, against ``output_hidden_states``
+    and the scores of ``output_attentions`` under :data:`EAGER_SCORES`: ``hidden[0]`` is the embedding
+    output, ``hidden[n]`` layer n's output, ``scores[n-1]`` layer n's scores; one ``fit_dense`` maps
+    every student state; ``layer_map[n-1]`` is the teacher layer of student layer n. Plain
+    ``nn.MSELoss()`` over every element (padding included, as the official code).
     Returns the unweighted ``emb``, ``hidden`` (summed over layers) and ``attn`` (summed) terms.
     """
+    mse = nn.MSELoss()
     pairs = list(enumerate(layer_map, start=1))
     return {
-        "emb": masked_mse(projections[0](s_hidden[0]), t_hidden[0], mask),
-        "hidden": sum(masked_mse(projections[n](s_hidden[n]), t_hidden[m], mask) for n, m in pairs),
-        "attn": sum(masked_attention_mse(s_attentions[n - 1], t_attentions[m - 1], mask) for n, m in pairs),
+        "emb": mse(fit_dense(s_hidden[0]).float(), t_hidden[0].float()),
+        "hidden": sum(mse(fit_dense(s_hidden[n]).float(), t_hidden[m].float()) for n, m in pairs),
+        "attn": sum(zeroed_mse(s_scores[n - 1], t_scores[m - 1]) for n, m in pairs),
     }
 
 
@@ -132,7 +151,10 @@ def tinybert_reference_losses(
 
 def textbrewer_matches(layer_map: list[int], d_student: int, d_teacher: int) -> list[dict]:
     """TinyBERT's losses as TextBrewer intermediate matches (the order fixes ``distiller.projs``:
-    index 0 the embeddings, index n student layer n, as in our objective's projections)."""
+    index 0 the embeddings, index n student layer n). TextBrewer gives each match its own
+    projection (TinyBERT shares one ``fit_dense``; the step costs the same), and its
+    ``attention_mse`` zeroes every score ≤ −1e-3 (TinyBERT: ≤ −100), which changes the attention
+    term's value, not its cost."""
     proj = ["linear", d_student, d_teacher]
     matches = [
         {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": proj}
@@ -157,12 +179,9 @@ def textbrewer_matches(layer_map: list[int], d_student: int, d_teacher: int) -> 
 
 
 def textbrewer_adaptor(batch: dict, outputs) -> dict:
-    """TextBrewer adaptor for a Hugging Face encoder run with hidden states and attentions."""
-    return {
-        "hidden": outputs.hidden_states,
-        "attention": outputs.attentions,
-        "inputs_mask": batch["attention_mask"],
-    }
+    """TextBrewer adaptor for a Hugging Face encoder run with hidden states and :data:`EAGER_SCORES`
+    attention; no ``inputs_mask``, so its losses average over every position as TinyBERT's do."""
+    return {"hidden": outputs.hidden_states, "attention": outputs.attentions}
 
 
 def textbrewer_fp32_adaptor(batch: dict, outputs) -> dict:
@@ -173,7 +192,6 @@ def textbrewer_fp32_adaptor(batch: dict, outputs) -> dict:
     return {
         "hidden": tuple(h.float() for h in outputs.hidden_states),
         "attention": tuple(a.float() for a in outputs.attentions),
-        "inputs_mask": batch["attention_mask"],
     }
 
 
@@ -221,8 +239,8 @@ def make_bare(teacher, student, train, device, autocast) -> Callable[[dict], Non
 
 def make_hf_loop(teacher, student, layer_map, train, device, autocast) -> Callable[[dict], None]:
     d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
-    projections = nn.ModuleList(nn.Linear(d_s, d_t) for _ in range(len(layer_map) + 1)).to(device)
-    trained = nn.ModuleList([student, projections])
+    fit_dense = nn.Linear(d_s, d_t).to(device)  # TinyBERT's one projection for every student state
+    trained = nn.ModuleList([student, fit_dense])
     optimizer, scheduler = _optimizer(trained, train, device)
     outputs = {"output_hidden_states": True, "output_attentions": True}
 
@@ -232,13 +250,7 @@ def make_hf_loop(teacher, student, layer_map, train, device, autocast) -> Callab
         with autocast():
             s = student(**batch, **outputs)
             terms = tinybert_reference_losses(
-                t.hidden_states,
-                t.attentions,
-                s.hidden_states,
-                s.attentions,
-                projections,
-                batch["attention_mask"],
-                layer_map,
+                t.hidden_states, t.attentions, s.hidden_states, s.attentions, fit_dense, layer_map
             )
         total = terms["emb"] + terms["hidden"] + terms["attn"]
         total.backward()
@@ -351,7 +363,7 @@ def build_candidates(args, device: torch.device, world_size: int, output_dir: st
         elif name == "ours-mlkd":
             steps[name] = make_ours(*copies("sdpa"), "mlkd", args, device, world_size)
         elif name == "hf-loop":
-            steps[name] = make_hf_loop(*copies("eager"), layer_map, train, device, autocast)
+            steps[name] = make_hf_loop(*copies(EAGER_SCORES), layer_map, train, device, autocast)
         elif name == "textbrewer":
             try:
                 import textbrewer  # noqa: F401
@@ -360,7 +372,7 @@ def build_candidates(args, device: torch.device, world_size: int, output_dir: st
                 continue
             upcast = args.teacher_dtype != "fp32" and half is None
             steps[name] = make_textbrewer(
-                *copies("eager"), layer_map, train, device, autocast, output_dir, upcast
+                *copies(EAGER_SCORES), layer_map, train, device, autocast, output_dir, upcast
             )
     return steps, notes
 

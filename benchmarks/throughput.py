@@ -67,7 +67,7 @@ from common import (
 
 from mlkd_scale.engine.distributed import init_distributed
 from mlkd_scale.engine.module import DistillationModule
-from mlkd_scale.losses.objective import PRESET_TERMS
+from mlkd_scale.losses.presets import PRESETS
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import LossesSpec
 
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shapes", choices=list(SHAPES), default="bert-base", help="'tiny' is for smoke tests"
     )
-    parser.add_argument("--preset", choices=list(PRESET_TERMS), default="mlkd", help="the losses.preset")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mlkd", help="the losses.preset")
     parser.add_argument("--student-heads", type=int, default=12)
     add_precision_args(parser, "DeepSpeed mixed precision of the student (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and the objective")

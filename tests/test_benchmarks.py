@@ -2,7 +2,8 @@
 
 * the FLOP formula behind MFU, against PyTorch's own FLOP counter and against hand arithmetic;
 * the peers' TinyBERT losses (the hand-written Hugging Face loop and TextBrewer's) against our
-  objective's tinybert terms on the same forward: the comparison is only fair if they agree;
+  objective's tinybert terms on the same forward: the comparison is only fair if they agree
+  (TextBrewer's attention term differs by its zeroing threshold only, checked as such);
 * each script end to end on tiny models (in a subprocess: DeepSpeed sets up a process group).
 """
 
@@ -87,22 +88,22 @@ def _tiny_pair(teacher_dtype: torch.dtype):
     return teacher, student, objective, batch
 
 
-def _ours(teacher, student, objective, batch) -> dict[str, torch.Tensor]:
-    # Every teacher layer computes its map explicitly, as eager attention does, so that a bf16 teacher
+def _ours(teacher, student, objective, batch) -> tuple[dict[str, torch.Tensor], object, object]:
+    # Every teacher layer computes its scores explicitly, as eager attention does, so that a bf16 teacher
     # gives both sides the same forward; that the selective path equals eager is test_taps' job.
-    every_layer = TapRequest(attention_layers=frozenset(range(1, teacher.config.num_hidden_layers + 1)))
+    every_layer = TapRequest(attention_scores_layers=frozenset(range(1, teacher.config.num_hidden_layers + 1)))
     with FeatureTap(teacher, objective.teacher_request().merged(every_layer)) as t_tap, torch.no_grad():
         t_feats = t_tap(**batch)
     with FeatureTap(student, objective.student_request()) as s_tap:
         s_feats = s_tap(**batch)
     total, terms = objective(t_feats, s_feats, batch["attention_mask"])
-    return {**terms, "total": total}
+    return {**terms, "total": total}, t_feats, s_feats
 
 
 def _as_peers_run(*models):
-    """The peers need every layer's attention map: eager attention (ours computes them selectively)."""
+    """The peers read every layer's scores from eager attention (ours computes them selectively)."""
     for model in models:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(peers.EAGER_SCORES)
 
 
 def _hf_outputs(teacher, student, batch):
@@ -116,16 +117,11 @@ def _hf_outputs(teacher, student, batch):
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 def test_hf_loop_losses_equal_our_tinybert_terms(teacher_dtype):
     teacher, student, objective, batch = _tiny_pair(teacher_dtype)
-    ours = _ours(teacher, student, objective, batch)
+    ours, _, _ = _ours(teacher, student, objective, batch)
     t, s = _hf_outputs(teacher, student, batch)
+    assert len(objective.projections) == 1, "TinyBERT's one shared fit_dense"
     ref = peers.tinybert_reference_losses(
-        t.hidden_states,
-        t.attentions,
-        s.hidden_states,
-        s.attentions,
-        objective.projections,
-        batch["attention_mask"],
-        objective.layer_map,
+        t.hidden_states, t.attentions, s.hidden_states, s.attentions, objective.projections[0], objective.layer_map
     )
     assert set(ref) == set(ours) - {"total"} == {"emb", "hidden", "attn"}
     for name, value in ref.items():
@@ -133,47 +129,49 @@ def test_hf_loop_losses_equal_our_tinybert_terms(teacher_dtype):
     assert all(v > 0 for v in ref.values())
 
 
-def test_padding_changes_the_losses():
-    """The masked positions matter: without the mask both implementations would give other numbers."""
-    teacher, student, objective, batch = _tiny_pair(torch.float32)
-    t, s = _hf_outputs(teacher, student, batch)
-    args = (t.hidden_states, t.attentions, s.hidden_states, s.attentions, objective.projections)
-    masked = peers.tinybert_reference_losses(*args, batch["attention_mask"], objective.layer_map)
-    full = peers.tinybert_reference_losses(
-        *args, torch.ones_like(batch["attention_mask"]), objective.layer_map
-    )
-    assert all(not torch.isclose(masked[k], full[k]) for k in masked)
+def test_the_peers_attention_maps_are_scores_with_masked_keys_zeroed():
+    """Scores, not probabilities: negative entries, and padded keys at ≤ −100 (zeroed by the loss)."""
+    teacher, student, _, batch = _tiny_pair(torch.float32)
+    t, _ = _hf_outputs(teacher, student, batch)
+    scores = t.attentions[0]
+    padded_keys = batch["attention_mask"][:, None, None, :] == 0
+    assert (scores[~padded_keys.expand_as(scores)] < 0).any()
+    assert (scores.masked_select(padded_keys) <= -100).all() and padded_keys.any()
+    zeroed = peers.zeroed_mse(scores, torch.zeros_like(scores))
+    real_only = scores.masked_fill(padded_keys, 0).square().mean()
+    torch.testing.assert_close(zeroed, real_only)
 
 
 def test_textbrewer_losses_equal_our_tinybert_terms(tmp_path):
+    """TextBrewer's hidden_mse terms equal ours; its attention_mse is TinyBERT's formula with its own
+    zeroing threshold (−1e-3) on the same scores our taps record."""
     pytest.importorskip("textbrewer")
+    from mlkd_scale.losses import attention_score_mse_loss
+
     teacher, student, objective, batch = _tiny_pair(torch.float32)
-    ours = _ours(teacher, student, objective, batch)
+    ours, t_feats, s_feats = _ours(teacher, student, objective, batch)
     _as_peers_run(teacher, student)
     distiller = peers.build_textbrewer(
         teacher, student, objective.layer_map, "cpu", str(tmp_path), upcast=False
     )
     assert len(distiller.projs) == 2 * len(objective.layer_map) + 1
-    with torch.no_grad():  # the same projections as ours: index 0 embeddings, index n student layer n
-        for index, projection in enumerate(objective.projections):
-            distiller.projs[index].load_state_dict(projection.state_dict())
+    with torch.no_grad():  # every hidden match gets our one shared projection
+        for proj in distiller.projs:
+            if proj is not None:
+                proj.load_state_dict(objective.projections[0].state_dict())
     total, losses = distiller.train_on_batch(batch, {"output_hidden_states": True, "output_attentions": True})
     grouped = {"emb": 0.0, "hidden": 0.0, "attn": 0.0}
-    for (
-        name,
-        value,
-    ) in losses.items():  # e.g. unweighted_hidden_hidden_mse_0_0, ..._attention_attention_mse_1_5
-        key = (
-            "attn"
-            if name.startswith("unweighted_attention")
-            else "emb"
-            if name.endswith("_0_0")
-            else "hidden"
-        )
+    for name, value in losses.items():  # e.g. unweighted_hidden_hidden_mse_0_0, ..._attention_attention_mse_1_5
+        key = "attn" if name.startswith("unweighted_attention") else "emb" if name.endswith("_0_0") else "hidden"
         grouped[key] = grouped[key] + value
-    for name, value in grouped.items():
-        torch.testing.assert_close(value, ours[name], rtol=1e-5, atol=1e-7, msg=name)
-    torch.testing.assert_close(total, ours["total"], rtol=1e-5, atol=1e-7)
+    for name in ("emb", "hidden"):
+        torch.testing.assert_close(grouped[name], ours[name], rtol=1e-5, atol=1e-7, msg=name)
+    at_textbrewer_threshold = sum(
+        attention_score_mse_loss(t_feats.attention_scores[m], s_feats.attention_scores[n], -1e-3)
+        for n, m in enumerate(objective.layer_map, start=1)
+    )
+    torch.testing.assert_close(grouped["attn"], at_textbrewer_threshold, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, grouped["emb"] + grouped["hidden"] + grouped["attn"], rtol=1e-5, atol=1e-6)
 
 
 def test_textbrewer_matches_follow_the_uniform_mapping():

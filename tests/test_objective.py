@@ -113,7 +113,6 @@ def test_stage2_regression_uses_mse_and_drops_contrast():
         ("tinybert", 1, {"emb", "attn", "hidden"}),
         ("tinybert", 2, {"kd"}),
         ("minilmv2", 1, {"qq", "kk", "vv"}),
-        ("distilbert", 1, {"cos"}),
         ("distilbert", 2, {"kd", "cos"}),
     ],
 )
@@ -125,6 +124,16 @@ def test_comparison_presets_run_and_backpropagate(preset, stage, expected):
     assert set(terms) == expected and torch.isfinite(total)
     assert student.config._attn_implementation == teacher.config._attn_implementation == "sdpa"
     total.backward()
+
+
+def test_tinybert_requests_scores_of_the_mapped_layers_only_and_shares_one_projection():
+    _, _, objective = _setup("tinybert", heads=12)
+    t, s = objective.teacher_request(), objective.student_request()
+    assert t.attention_scores_layers == t.hidden_layers == frozenset({2, 4}) and not t.attention_layers
+    assert s.attention_scores_layers == frozenset({1, 2})
+    assert len(objective.projections) == 1, "TinyBERT's one fit_dense by default"
+    _, _, per_layer = _setup("tinybert", heads=12, projection="per_layer")
+    assert len(per_layer.projections) == 3
 
 
 def test_tinybert_attention_needs_equal_heads():

@@ -5,7 +5,8 @@ then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_sta
 
 * Stage 1 — L_EMB + L_MHA + L_FFN (or the preset's stage-1 terms) on the task's train data (or
   its augmentation cache); trains the student and the projections W_h;
-* Stage 2 — L_SS + L_SC + L_KD on the original train data, labels passed for L_SC; it starts from
+* Stage 2 — L_SS + L_SC + L_KD on the original train data (the augmentation cache with
+  ``task.augment_stage2``), labels passed for L_SC; it starts from
   Stage 1's *final* weights, projections included (the consolidated Stage-1 checkpoint is loaded
   into the Stage-2 module before DeepSpeed wraps it, so it does not matter whether Stage 1 ran in
   this process or in an earlier launch).
@@ -152,7 +153,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
     for number in spec.task.stages:
         name = f"stage{number}"
         budget = spec.task.stage1 if number == 1 else spec.task.stage2
-        train = data.stage1_train if number == 1 else data.train
+        train = data.stage1_train if number == 1 or spec.task.augment_stage2 else data.train
         done = ctx.read_result(name)
         if done is not None:
             ctx.print(f"{name} already finished ({ctx.stage_dir(name) / 'result.json'}); skipping it")

@@ -41,23 +41,33 @@ def hidden_cosine_loss(
     return ((1 - cosine) * weights).sum() / weights.sum()
 
 
-@fp32_loss
-def attention_mse_loss(
-    t_attn: torch.Tensor, s_attn: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """TinyBERT's attention loss for one layer pair: (1/H) Σ_h MSE(A^S_h, A^T_h).
+#: TinyBERT zeroes every attention score at or below this before its MSE: the entries its additive
+#: −10000 mask pushed down (ours are at the dtype's minimum), so padded keys compare as 0 = 0.
+TINYBERT_MASKED_SCORE = -100.0
 
-    t_attn, s_attn [B, H, L, L] attention probabilities (equal head counts); the mean runs over real
-    query rows and real keys only.
+
+@fp32_loss
+def attention_score_mse_loss(
+    t_scores: torch.Tensor, s_scores: torch.Tensor, masked_at_or_below: float = TINYBERT_MASKED_SCORE
+) -> torch.Tensor:
+    """TinyBERT's attention loss for one layer pair, on the unnormalised scores (paper §3.1, eq. 3).
+
+    t_scores, s_scores [B, H, L, L]: A = QKᵀ/√d_k + mask, before the softmax (equal head counts).
+    As the official code (huawei-noah/Pretrained-Language-Model, TinyBERT/task_distill.py and
+    general_distill.py: ``torch.where(att <= -1e2, 0, att)`` on both sides, then ``MSELoss()``)::
+
+        A' = where(A ≤ −100, 0, A);   L_attn = 1/(B·H·L·L) Σ_{b,h,i,j} (A'^S − A'^T)²_{b,h,i,j}
+
+    i.e. a mean over every element, padded rows included; a masked key contributes 0 = 0.
+    ``masked_at_or_below`` is that threshold (TextBrewer's ``attention_mse`` uses −1e-3).
     """
-    if t_attn.shape != s_attn.shape:
+    if t_scores.shape != s_scores.shape:
         raise ValueError(
-            f"attention maps of shapes {tuple(t_attn.shape)} and {tuple(s_attn.shape)} cannot be compared; "
+            f"attention maps of shapes {tuple(t_scores.shape)} and {tuple(s_scores.shape)} cannot be compared; "
             "the tinybert preset needs the student's head count to equal the teacher's"
         )
-    sq = (s_attn.float() - t_attn.detach().float()).square()
-    if attention_mask is None:
-        return sq.mean()
-    real = attention_mask.to(torch.float32)
-    pair = real[:, None, :, None] * real[:, None, None, :]
-    return (sq * pair).sum() / (pair.sum() * t_attn.shape[1])
+    t = t_scores.detach().float()
+    s = s_scores.float()
+    t = torch.where(t <= masked_at_or_below, torch.zeros_like(t), t)
+    s = torch.where(s <= masked_at_or_below, torch.zeros_like(s), s)
+    return F.mse_loss(s, t)

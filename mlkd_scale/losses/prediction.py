@@ -39,7 +39,7 @@ def mask_span_logits(logits: torch.Tensor, span_mask: torch.Tensor) -> torch.Ten
     i.e. the start and the end distribution are each distilled over the positions an answer (or
     "no answer", [CLS]) can point at; padding, question and separator tokens take no part (the
     teacher's logits there are arbitrary, post-processing never reads them). Soft cross-entropy
-    (the tinybert preset) differs from the KL by the teacher's entropy only, a constant.
+    (the tinybert preset) differs from the KL by the teacher's entropy and a 1/L factor only.
     """
     keep = span_mask.bool().unsqueeze(1)  # [B, 1, L]: the same positions for start and end
     return logits.float().masked_fill(~keep, MASKED_LOGIT)
@@ -47,10 +47,41 @@ def mask_span_logits(logits: torch.Tensor, span_mask: torch.Tensor) -> torch.Ten
 
 @fp32_loss
 def soft_cross_entropy_loss(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """TinyBERT's prediction loss: (1/B) Σ_b −softmax(z^T_b/τ) · log_softmax(z^S_b/τ)."""
+    """TinyBERT's prediction loss as its code computes it (TinyBERT/task_distill.py ``soft_cross_entropy``)::
+
+        L_pred = mean_{b, c} ( −softmax(z^T_b/τ)_c · log_softmax(z^S_b/τ)_c )
+
+    t_logits, s_logits [B, C] (or [B, ..., C]). ``.mean()`` runs over every element, so this is the
+    paper's cross-entropy CE(z^T/τ, z^S/τ) divided by the C classes; no τ² factor.
+    """
     t_prob = F.softmax(t_logits.detach().float() / temperature, dim=-1)
     s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    return -(t_prob * s_logp).sum(-1).mean()
+    return (-(t_prob * s_logp)).mean()
+
+
+@fp32_loss
+def masked_lm_loss(s_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's L_mlm: cross-entropy of the student's MLM logits on the masked tokens.
+
+    s_logits [B, L, V], labels [B, L] with the original token id at masked positions and −100
+    elsewhere (``CrossEntropyLoss(ignore_index=-100)`` in DistilBERT's distiller.py)::
+
+        L_mlm = (1/|M|) Σ_{(b,i) ∈ M} −log softmax(z^S_{b,i})_{y_{b,i}},   M = {(b,i): y_{b,i} ≠ −100}
+
+    A batch without masked tokens gives 0 (not NaN).
+    """
+    flat = labels.reshape(-1)
+    per_token = F.cross_entropy(s_logits.float().reshape(flat.numel(), -1), flat, ignore_index=-100, reduction="sum")
+    return per_token / (flat != -100).sum().clamp(min=1)
+
+
+@fp32_loss
+def label_loss(s_logits: torch.Tensor, labels: torch.Tensor, regression: bool = False) -> torch.Tensor:
+    """Fine-tuning on the labels: cross-entropy of s_logits [B, C] against labels [B]; for regression
+    (one output, labels [B] float) the MSE (1/B) Σ_b (z^S_b − y_b)², as BERT's and TinyBERT's code do."""
+    if regression:
+        return F.mse_loss(s_logits.float().reshape(-1), labels.float().reshape(-1))
+    return F.cross_entropy(s_logits.float(), labels.long())
 
 
 @fp32_loss

@@ -9,9 +9,11 @@ the unmodified modules:
                     ``attention.output.dense`` (before the output projection W^O)        [B, L, d]
 * ``hidden[n]``   — layer n's output hidden state (after the FFN residual + LayerNorm)   [B, L, d]
 * ``qkv[n]``      — layer n's query, key and value projections (MiniLMv2 relations)      3 × [B, L, d]
-* ``attentions[n]`` — layer n's attention probabilities (TinyBERT only; computed explicitly in
-                    the requested layers only, see :mod:`~mlkd_scale.models.selective_attention`)
-                                                                                     [B, H, L, L]
+* ``attentions[n]`` — layer n's attention probabilities softmax(QKᵀ/√d_k + mask)      [B, H, L, L]
+* ``attention_scores[n]`` — layer n's unnormalised scores QKᵀ/√d_k with masked entries at the
+                    dtype's minimum (TinyBERT's attention loss)                         [B, H, L, L]
+                    (both maps are computed explicitly in the requested layers only, see
+                    :mod:`~mlkd_scale.models.selective_attention`)
 * ``cls``         — the final layer's [CLS] vector (not the tanh pooler)                 [B, d]
 * ``logits``      — the head's logits when the model has one (:func:`head_logits`)      [B, C]
                     a question-answering head's start and end logits, stacked        [B, 2, L]
@@ -41,6 +43,7 @@ class TapRequest:
     hidden_layers: frozenset[int] = frozenset()
     qkv_layers: frozenset[int] = frozenset()
     attention_layers: frozenset[int] = frozenset()
+    attention_scores_layers: frozenset[int] = frozenset()
     cls: bool = False
     logits: bool = False
 
@@ -52,6 +55,7 @@ class TapRequest:
             hidden_layers=self.hidden_layers | other.hidden_layers,
             qkv_layers=self.qkv_layers | other.qkv_layers,
             attention_layers=self.attention_layers | other.attention_layers,
+            attention_scores_layers=self.attention_scores_layers | other.attention_scores_layers,
             cls=self.cls or other.cls,
             logits=self.logits or other.logits,
         )
@@ -66,6 +70,7 @@ class Features:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     cls: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
@@ -115,11 +120,16 @@ class FeatureTap:
             | request.hidden_layers
             | request.qkv_layers
             | request.attention_layers
+            | request.attention_scores_layers
         )
         bad = sorted(n for n in wanted if not 1 <= n <= num_layers)
         if bad:
             raise ValueError(f"layers {bad} requested from a model with {num_layers} layers (valid: 1..{num_layers})")
-        self._mapped_attention = [layers[n - 1].attention.self for n in sorted(request.attention_layers)]
+        both = sorted(request.attention_layers & request.attention_scores_layers)
+        if both:
+            raise ValueError(f"layers {both} are asked for both attention probabilities and scores; ask for one")
+        kinds = {n: "probs" for n in request.attention_layers} | {n: "scores" for n in request.attention_scores_layers}
+        self._mapped_attention = {layers[n - 1].attention.self: kind for n, kind in sorted(kinds.items())}
         self._attention_before = (
             mark_attention_maps(model, self._mapped_attention) if self._mapped_attention else None
         )
@@ -135,6 +145,8 @@ class FeatureTap:
                 self._hook(getattr(attn, part), (part, n))
         for n in request.attention_layers:
             self._hook(layers[n - 1].attention.self, ("attentions", n), index=1)
+        for n in request.attention_scores_layers:
+            self._hook(layers[n - 1].attention.self, ("attention_scores", n), index=1)
         self._num_layers = num_layers
 
     def _hook(self, module: nn.Module, key, index: int = 0) -> None:
@@ -161,6 +173,7 @@ class FeatureTap:
             hidden={n: store[("hidden", n)] for n in r.hidden_layers},
             qkv={n: (store[("query", n)], store[("key", n)], store[("value", n)]) for n in r.qkv_layers},
             attentions={n: store[("attentions", n)] for n in r.attention_layers},
+            attention_scores={n: store[("attention_scores", n)] for n in r.attention_scores_layers},
         )
         if r.cls:
             feats.cls = store[("hidden", self._num_layers)][:, 0]

@@ -15,7 +15,8 @@ a message line ``"field: text"`` is reported under ``<section path>.field``, any
 the section itself.
 
 Modules: :mod:`~mlkd_scale.spec.fields` (``StrictModel``), :mod:`~mlkd_scale.spec.sections` (general
-distillation's sections), :mod:`~mlkd_scale.spec.task` (the ``task`` section), :mod:`~mlkd_scale.spec.run`
+distillation's sections), :mod:`~mlkd_scale.spec.losses` (``LossesSpec``), :mod:`~mlkd_scale.spec.presets`
+(the preset names, kept light), :mod:`~mlkd_scale.spec.task` (the ``task`` section), :mod:`~mlkd_scale.spec.run`
 (``RunSpec``), :mod:`~mlkd_scale.spec.errors` (``SpecError``), :mod:`~mlkd_scale.spec.loading`
 (``load_spec``), :mod:`~mlkd_scale.spec.paths` (files a run needs), :mod:`~mlkd_scale.spec.identity`
 (``spec_hash``). Everything is importable from ``mlkd_scale.spec``.

@@ -1,4 +1,7 @@
-"""The sections of a general-distillation run spec: teacher, student, losses, data, train, checkpoint, ..."""
+"""The sections of a general-distillation run spec: teacher, student, losses, data, train, checkpoint, ...
+
+``LossesSpec`` lives in :mod:`mlkd_scale.spec.losses` and is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pydantic import (
 )
 
 from mlkd_scale.spec.fields import StrictModel
+from mlkd_scale.spec.losses import LossesSpec  # noqa: F401 - re-exported for older imports
 
 
 class StudentSpec(StrictModel):
@@ -60,71 +64,6 @@ def _divisors(n: int, limit: int = 10**10) -> list[int] | None:
         return None
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
-
-
-class LossesSpec(StrictModel):
-    """Which distillation objective to run, and every reading the paper leaves open.
-
-    Term names per preset and stage (stage 1 = embedding + Transformer layers, stage 2 = prediction):
-
-    ========== ========================= ==========================
-    preset     stage 1                   stage 2
-    ========== ========================= ==========================
-    mlkd       emb, mha, ffn             ss, sc, kd
-    tinybert   emb, attn, hidden         kd  (soft cross-entropy)
-    minilmv2   qq, kk, vv                kd
-    distilbert cos                       kd, cos
-    ========== ========================= ==========================
-    """
-
-    preset: Literal["mlkd", "tinybert", "minilmv2", "distilbert"] = "mlkd"
-    weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="Per-term weight by term name (see the table above); terms not named get 1.0, "
-        "a weight of 0 switches a term off.",
-    )
-    layer_mapping: Literal["uniform"] | list[int] = Field(
-        "uniform",
-        description="'uniform': student layer n (1..N) learns from teacher layer floor(n*M/N); or an explicit "
-        "list of N teacher layers (1-based). Embeddings always map to embeddings.",
-    )
-    mha_splits: int | None = Field(
-        None,
-        ge=1,
-        description="A_s, the number of MHA-splits of the concatenated head context (paper §2.2). "
-        "None: the student's head count (the paper's primary reading). Must divide both widths.",
-    )
-    mask_padding: bool = Field(
-        True, description="Mask padded keys out of token relations and padded rows out of the averages."
-    )
-    projection: Literal["per_layer", "shared"] = Field(
-        "per_layer",
-        description="W_h for L_FFN: one student->teacher projection per mapped layer, or one shared.",
-    )
-    kd_temperature: float = Field(1.0, gt=0, description="tau of the soft-label KD loss.")
-    kd_scale_by_t2: bool = Field(True, description="Multiply the soft-label KD loss by tau^2.")
-    contrastive_temperature: float = Field(0.2, gt=0, description="tau of the sample-contrastive loss L_SC.")
-    contrastive_projection: bool = Field(
-        True,
-        description="Project the student [CLS] to teacher width with the last layer's W_h before L_SC "
-        "(prototype's reading); False requires equal widths.",
-    )
-    regression_contrastive: Literal["off", "bins"] = Field(
-        "off",
-        description="L_SC for regression tasks (STS-B): 'off' drops it, 'bins' uses rounded scores as labels.",
-    )
-    relation_heads: int = Field(48, ge=1, description="minilmv2 preset: relation heads A_r.")
-    relation_teacher_layer: int | None = Field(
-        None, ge=1, description="minilmv2 preset: teacher layer (1-based) to distil from; None = last."
-    )
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_not_negative(cls, weights: dict[str, float]) -> dict[str, float]:
-        negative = {name: w for name, w in weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"loss weights must be >= 0 (0 switches a term off), got {negative}")
-        return weights
 
 
 class SourceSpec(StrictModel):

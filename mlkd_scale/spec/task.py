@@ -108,7 +108,13 @@ class TaskSpec(StrictModel):
     augmented_dir: str | None = Field(
         None,
         description="A finished augmentation cache (launchers/augment.py --out) used as Stage-1 training "
-        "data; Stage 2 and teacher fine-tuning always use the original train split.",
+        "data; Stage 2 uses it too when augment_stage2 is set; teacher fine-tuning always uses the original "
+        "train split.",
+    )
+    augment_stage2: bool = Field(
+        False,
+        description="Train Stage 2 on the augmentation cache too, as TinyBERT's prediction-layer distillation "
+        "does (its task_distill.py --aug_train in both steps). Needs augmented_dir.",
     )
     stages: list[Literal[1, 2]] = Field(
         default_factory=lambda: [1, 2], min_length=1, description="Stages to run, in order: [1, 2], [1], [2]."
@@ -172,6 +178,12 @@ class TaskSpec(StrictModel):
             )
         if problems:
             raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _augment_stage2_needs_a_cache(self) -> TaskSpec:
+        if self.augment_stage2 and self.augmented_dir is None:
+            raise ValueError("augment_stage2: needs augmented_dir (the cache Stage 2 would train on); set it or unset this")
         return self
 
     @field_validator("stages")
