@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from mlkd_scale.losses.batch_gather import gather_batch
 from mlkd_scale.losses.contrastive import sample_contrastive_loss
 from mlkd_scale.losses.feature import attention_mse_loss, hidden_cosine_loss, hidden_mse_loss
 from mlkd_scale.losses.prediction import (
@@ -254,9 +255,12 @@ class DistillationObjective(nn.Module):
                 s_last = self._projection(0)(s_last)
             return hidden_cosine_loss(t.hidden[g[-1]], s_last, mask)
         if name == "ss":
-            return sample_similarity_loss(t.cls, s.cls)
+            t_cls, s_cls, _ = self._batch_relation_inputs(t.cls, s.cls)
+            return sample_similarity_loss(t_cls, s_cls)
         if name == "sc":
-            return sample_contrastive_loss(t.cls, self._student_cls_for_contrast(s.cls), self._labels(labels), spec.contrastive_temperature)
+            s_cls = self._student_cls_for_contrast(s.cls)
+            t_cls, s_cls, y = self._batch_relation_inputs(t.cls, s_cls, self._labels(labels))
+            return sample_contrastive_loss(t_cls, s_cls, y, spec.contrastive_temperature)
         if name == "kd":
             if self.regression:
                 return prediction_mse_loss(t.logits, s.logits)
@@ -265,6 +269,16 @@ class DistillationObjective(nn.Module):
             scale = 1.0 if spec.kd_scale_by_t2 else spec.kd_temperature**-2
             return prediction_kd_loss(t.logits, s.logits, spec.kd_temperature) * scale
         raise KeyError(name)
+
+    def _batch_relation_inputs(
+        self, t_cls: torch.Tensor, s_cls: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The samples L_SS/L_SC relate: every data-parallel rank's micro batch (``losses.batch_relations``
+        'global', gradients back to each rank's own rows, :mod:`~mlkd_scale.losses.batch_gather`) or this
+        rank's alone ('local')."""
+        if self.spec.batch_relations == "local":
+            return t_cls, s_cls, labels
+        return gather_batch(t_cls, s_cls, labels)
 
     def _student_cls_for_contrast(self, s_cls: torch.Tensor) -> torch.Tensor:
         if self.spec.contrastive_projection:
