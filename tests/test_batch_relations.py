@@ -23,17 +23,18 @@ WORLD = 2
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2])  # every label on both ranks: positives across ranks
 EQUAL = (range(3), range(3, 6))
 UNEVEN = (range(4), range(4, 6))  # an epoch's last, smaller micro batch on rank 1
-CASES = {  # name: (loss weights, batch_relations, rows of each rank)
-    "ss": ({"ss": 1.0, "sc": 0.0, "kd": 0.0}, "global", EQUAL),
-    "sc": ({"ss": 0.0, "sc": 1.0, "kd": 0.0}, "global", EQUAL),
-    "uneven": ({"kd": 0.0}, "global", UNEVEN),
-    "local": ({"kd": 0.0}, "local", EQUAL),
+CASES = {  # name: (loss weights, batch_relations, rows of each rank, train.compile 'objective')
+    "ss": ({"ss": 1.0, "sc": 0.0, "kd": 0.0}, "global", EQUAL, False),
+    "sc": ({"ss": 0.0, "sc": 1.0, "kd": 0.0}, "global", EQUAL, False),
+    "uneven": ({"kd": 0.0}, "global", UNEVEN, False),
+    "compiled": ({"kd": 0.0}, "global", UNEVEN, True),
+    "local": ({"kd": 0.0}, "local", EQUAL, False),
 }
 
 
 def _loss_and_grads(case: str, rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective's total on ``rows`` of the batch and the gradient of every trained parameter."""
-    weights, relations, _ = CASES[case]
+    weights, relations, _, compiled = CASES[case]
     teacher = tiny_teacher(with_head=True, num_labels=3)
     torch.manual_seed(1)
     student = build_student(
@@ -41,6 +42,8 @@ def _loss_and_grads(case: str, rows) -> tuple[torch.Tensor, dict[str, torch.Tens
     ).eval()  # no dropout: the same samples must give the same vectors on 1 and 2 ranks
     losses = LossesSpec(weights=weights, batch_relations=relations)
     objective = DistillationObjective(losses, teacher.config, student.config, stage=2)
+    if compiled:  # the gather runs eagerly between the compiled graphs
+        objective.compile()
     batch = {k: v[list(rows)] for k, v in tiny_batch(batch=6).items()}
     with torch.no_grad(), FeatureTap(teacher, objective.teacher_request()) as t_tap:
         t_feats = t_tap(**batch)
@@ -66,7 +69,7 @@ def _rank_main(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         results: dict = {"gather": _gather_check(rank)}
-        for case, (_, _, split) in CASES.items():
+        for case, (_, _, split, _) in CASES.items():
             loss, grads = _loss_and_grads(case, split[rank])
             for grad in grads.values():  # what DeepSpeed does with data-parallel gradients
                 dist.all_reduce(grad)
@@ -91,9 +94,9 @@ def _assert_grads_close(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("case", ["ss", "sc", "uneven"])
+@pytest.mark.parametrize("case", ["ss", "sc", "uneven", "compiled"])
 def test_global_relation_on_two_ranks_equals_one_rank_on_the_whole_batch(ranks, case):
-    loss, grads = _loss_and_grads(case, range(6))
+    loss, grads = _loss_and_grads("uneven" if case == "compiled" else case, range(6))  # eager reference
     for rank in range(WORLD):
         rank_loss, rank_grads = ranks[rank][case]
         torch.testing.assert_close(rank_loss, loss, rtol=1e-5, atol=1e-6)
