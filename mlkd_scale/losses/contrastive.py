@@ -21,6 +21,12 @@ def sample_contrastive_loss(
         ℓ_i = −(1/|P(i)|) Σ_{p∈P(i)} log( exp(s_ip/τ) / Σ_{a≠i} exp(s_ia/τ) ),
     and L_SC is the mean of ℓ_i over the anchors that have a positive. The SupCon "base temperature"
     factor τ/τ_base of some implementations is a constant scale: set it through the term's weight.
+
+    The B samples are those of one micro step on every data-parallel rank with
+    ``losses.batch_relations: global`` (the default; positives are found across ranks), or this
+    rank's micro batch alone with ``local``, which makes the loss depend on the world size. Gradient
+    accumulation adds no positives: each micro step is its own relation and the steps' losses are
+    averaged.
     """
     if t_cls.shape[-1] != s_cls.shape[-1]:
         raise ValueError(

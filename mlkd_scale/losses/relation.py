@@ -132,5 +132,11 @@ def sample_similarity_loss(t_cls: torch.Tensor, s_cls: torch.Tensor) -> torch.Te
 
     t_cls [B, dT], s_cls [B, dS]. R^T = softmax(C^T C^Tᵀ/√dT), R^S = softmax(C^S C^Sᵀ/√dS) over the
     batch (B×B, diagonal kept); L_SS = (1/B) Σ_i KL(R^T_i ‖ R^S_i). No projection is needed.
+
+    The batch is the objective's: with ``losses.batch_relations: global`` (the default) the micro
+    batches of every data-parallel rank of one micro step (B = micro_batch_size × world size,
+    :mod:`~mlkd_scale.losses.batch_gather`), with ``local`` this rank's alone, so the loss changes
+    with the world size. Gradient accumulation does not widen B: each micro step is its own relation
+    and the steps' losses are averaged.
     """
     return relation_kl(split_relation_logits(t_cls[None], 1), split_relation_logits(s_cls[None], 1))

@@ -90,6 +90,15 @@ class LossesSpec(StrictModel):
         "off",
         description="L_SC for regression tasks (STS-B): 'off' drops it, 'bins' uses rounded scores as labels.",
     )
+    batch_relations: Literal["global", "local"] = Field(
+        "global",
+        description="Which samples L_SS and L_SC relate: 'global' gathers the micro batch of every "
+        "data-parallel rank (micro_batch_size x world size samples, gradients flowing back to each rank's "
+        "own samples), so the objective does not depend on the number of ranks; 'local' relates each rank's "
+        "micro batch alone, which makes the objective change with the world size. Either way each micro "
+        "step of gradient accumulation is its own relation (the accumulated steps' losses are averaged, "
+        "not one relation over the accumulated batch).",
+    )
     relation_heads: int = Field(48, ge=1, description="minilmv2 preset: relation heads A_r.")
     relation_teacher_layer: int | None = Field(
         None, ge=1, description="minilmv2 preset: teacher layer (1-based) to distil from; None = last."

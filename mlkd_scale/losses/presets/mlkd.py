@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from mlkd_scale.losses.batch_gather import gather_batch
 from mlkd_scale.losses.contrastive import sample_contrastive_loss
 from mlkd_scale.losses.feature import hidden_mse_loss
 from mlkd_scale.losses.presets.base import _NONE, Preset, TermInputs, register_preset
@@ -83,7 +84,8 @@ class MlkdPreset(Preset):
         return total / len(pairs) if self.spec.ffn_reduction == "mean" else total
 
     def term_ss(self, x: TermInputs) -> torch.Tensor:
-        return sample_similarity_loss(x.teacher.cls, x.student.cls)
+        t_cls, s_cls, _ = self.batch_relation_inputs(x.teacher.cls, x.student.cls)
+        return sample_similarity_loss(t_cls, s_cls)
 
     def term_sc(self, x: TermInputs) -> torch.Tensor:
         labels = self.need_labels(x.labels, "sample-contrastive (sc)")
@@ -92,7 +94,18 @@ class MlkdPreset(Preset):
         s_cls = x.student.cls
         if self.spec.contrastive_projection:
             s_cls = x.project(self.setup.num_student_layers - 1, s_cls)
-        return sample_contrastive_loss(x.teacher.cls, s_cls, labels, self.spec.contrastive_temperature)
+        t_cls, s_cls, labels = self.batch_relation_inputs(x.teacher.cls, s_cls, labels)
+        return sample_contrastive_loss(t_cls, s_cls, labels, self.spec.contrastive_temperature)
+
+    def batch_relation_inputs(
+        self, t_cls: torch.Tensor, s_cls: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The samples L_SS / L_SC relate: this rank's micro batch (``losses.batch_relations: local``)
+        or every data-parallel rank's micro batch of this step, gathered differentiably (``global``,
+        :func:`~mlkd_scale.losses.batch_gather.gather_batch`)."""
+        if self.spec.batch_relations == "local":
+            return t_cls, s_cls, labels
+        return gather_batch(t_cls, s_cls, labels)
 
     def term_kd(self, x: TermInputs) -> torch.Tensor:
         return self.soft_label_kd(x.teacher.logits, x.student.logits)
