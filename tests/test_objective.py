@@ -182,3 +182,30 @@ def test_compiled_step_matches_eager(mode):
     for name, grad in grads.items():  # a compiled student also returns zeros for the unused pooler
         expected = eager_grads.get(name, torch.zeros_like(grad))
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_identity_projection_init_keeps_a_teacher_initialised_student_at_zero_ffn_loss():
+    """projection_init 'identity': W_h = I, b = 0, so a student copied from the mapped teacher layers
+    starts with L_FFN = Σ_n MSE(H^S_n I, H^T_{g(n)}) = 0; a random W_h does not."""
+    teacher = tiny_teacher()
+    spec = StudentSpec(num_layers=2, hidden_size=48, num_heads=4, intermediate_size=64, init="teacher_layers")
+    student = build_student(teacher, spec, [2, 4])
+    student.eval()
+    batch = tiny_batch()
+    for init, zero in (("identity", True), ("random", False)):
+        losses = LossesSpec(preset="mlkd", projection_init=init, weights={"emb": 0, "mha": 0})
+        objective = DistillationObjective(losses, teacher.config, student.config, 1)
+        if init == "identity":
+            assert all(torch.equal(p.weight, torch.eye(48)) and not p.bias.any() for p in objective.projections)
+        # a 4-head student copied from a 12-head teacher computes other hidden states than the teacher,
+        # so compare with the student itself as the teacher of its own layers (same heads)
+        own = DistillationObjective(losses.model_copy(update={"layer_mapping": [1, 2]}), student.config,
+                                    student.config, 1)
+        _, terms = _step(student, student, own, batch)
+        assert (terms["ffn"].item() == pytest.approx(0.0, abs=1e-10)) is zero
+
+
+def test_identity_projection_init_needs_equal_widths():
+    teacher, student, _ = _setup(width=24)
+    with pytest.raises(ValueError, match="projection_init.*width"):
+        DistillationObjective(LossesSpec(projection_init="identity"), teacher.config, student.config, 1)

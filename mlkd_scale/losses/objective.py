@@ -102,6 +102,16 @@ class DistillationObjective(nn.Module):
         frozen, so the checkpoints of both stages have the same keys."""
         count = self.preset.num_projections()
         projections = nn.ModuleList(nn.Linear(self.d_student, self.d_teacher) for _ in range(count))
+        if count and self.spec.projection_init == "identity":
+            if self.d_student != self.d_teacher:
+                raise ValueError(
+                    f"losses.projection_init: 'identity' needs the student's width ({self.d_student}) to equal "
+                    f"the teacher's ({self.d_teacher}); use 'random' or a student as wide as the teacher"
+                )
+            with torch.no_grad():
+                for projection in projections:
+                    projection.weight.copy_(torch.eye(self.d_student))
+                    projection.bias.zero_()
         used = self.preset.used_projections(self.weights, count)
         for index, projection in enumerate(projections):
             projection.requires_grad_(index in used)

@@ -81,6 +81,13 @@ class LossesSpec(StrictModel):
         "('labels', MiniLMv2's paper: the term 'ce', cross-entropy; MSE on the score for regression).",
     )
     contrastive_temperature: float = Field(0.2, gt=0, description="tau of the sample-contrastive loss L_SC.")
+    projection_init: Literal["random", "identity"] = Field(
+        "random",
+        description="Initial W_h of every student->teacher projection: 'random' (nn.Linear's default) or "
+        "'identity' (W_h = I, b = 0; needs the student's width to equal the teacher's). The paper does not say. "
+        "With a student initialised from teacher layers, 'identity' makes L_FFN keep the student's hidden "
+        "states in the teacher's space instead of letting a random W_h absorb the difference.",
+    )
     contrastive_projection: bool = Field(
         True,
         description="Project the student [CLS] to teacher width with the last layer's W_h before L_SC "
