@@ -185,6 +185,10 @@ class DistillationObjective(nn.Module):
 
     # ---- what the models must expose ----------------------------------------------------------
 
+    @property
+    def masked_lm(self) -> bool:
+        return self.spec.preset == "distilbert" and self.stage == 1
+
     def teacher_request(self) -> TapRequest:
         return self._request(teacher=True)
 
