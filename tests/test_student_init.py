@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def test_every_other_reproduces_distilbert_and_keeps_both_ends():
     assert every_other_layers(1, 4) == [4]
     for n, m in [(2, 4), (4, 8), (5, 12), (6, 24)]:
         layers = every_other_layers(n, m)
-        assert len(layers) == n and layers[-1] == m and all(b - a >= 2 for a, b in zip(layers, layers[1:]))
+        assert len(layers) == n and layers[-1] == m and all(b - a >= 2 for a, b in itertools.pairwise(layers))
     with pytest.raises(ValueError, match=r"student.init_layers: 'every_other' needs .* 4 for 3 student layers"):
         every_other_layers(3, 4)
 
@@ -90,8 +91,8 @@ def test_validate_time_checks_against_a_local_teacher_config(teacher_dir: Path):
     assert isinstance(load_spec(_spec(teacher_dir, init="teacher_layers", num_layers=6)), RunSpec)
     cases = [
         ({"init": "teacher_layers", "hidden_size": 312, "intermediate_size": 1200},
-         "student.init: 'teacher_layers' needs the teacher's width and FFN size (teacher.path ./teacher: "
-         "hidden_size 384, intermediate_size 1536), the student has hidden_size 312, intermediate_size 1200"),
+         ("student.init: 'teacher_layers' needs the teacher's width and FFN size (teacher.path ./teacher: "
+         "hidden_size 384, intermediate_size 1536), the student has hidden_size 312, intermediate_size 1200")),
         ({"init": "teacher_layers", "num_layers": 7}, "student.init_layers: 'every_other' needs a teacher with"),
         ({"init": "teacher_layers", "num_layers": 2, "init_layers": [1, 13]},
          "student.init_layers: entries [13] are outside the teacher's layers 1..12"),

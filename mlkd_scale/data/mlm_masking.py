@@ -46,7 +46,7 @@ def mask_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(corrupted input_ids, labels)`` for a batch ``input_ids`` [B, L] (see the module docstring).
 
-    ``input_ids`` is not modified. The generator must live on ``input_ids``' device (the trainer
+    The corrupted ids keep ``input_ids``' dtype, the labels are int64 [B, L]. ``input_ids`` is not modified. The generator must live on ``input_ids``' device (the trainer
     masks on the CPU, before the batch moves to the accelerator).
     """
     if not 0.0 < probability < 1.0:
@@ -59,8 +59,8 @@ def mask_tokens(
     scores = torch.rand(flat.shape, generator=generator, device=flat.device)
     scores[~candidates] = -1.0
     picked = scores.topk(count).indices
-    labels = torch.full_like(flat, IGNORE_INDEX)
-    labels[picked] = flat[picked]
+    labels = torch.full(flat.shape, IGNORE_INDEX, dtype=torch.long, device=flat.device)  # as cross-entropy wants
+    labels[picked] = flat[picked].long()
     corrupted = flat.clone()
     action = torch.rand(count, generator=generator, device=flat.device)
     random_ids = torch.randint(vocab_size, (count,), generator=generator, device=flat.device, dtype=flat.dtype)
