@@ -20,9 +20,18 @@ from mlkd_scale.spec import load_spec
 
 def distilbert_spec(tmp_path, teacher):
     corpus = make_corpus(tmp_path / "docs.jsonl", docs=120)
-    path = make_spec(tmp_path, teacher, corpus, losses__preset="distilbert", train__zero_stage=0,
-                     student__num_heads=12, student__hidden_size=48, student__intermediate_size=96,
-                     student__init="teacher_layers", train__gradient_accumulation_steps=2)
+    path = make_spec(
+        tmp_path,
+        teacher,
+        corpus,
+        losses__preset="distilbert",
+        train__zero_stage=0,
+        student__num_heads=12,
+        student__hidden_size=48,
+        student__intermediate_size=96,
+        student__init="teacher_layers",
+        train__gradient_accumulation_steps=2,
+    )
     return load_spec(path)
 
 
@@ -72,10 +81,15 @@ def test_mlm_models_same_masked_ids_and_labels_reach_the_objective(tmp_path, wor
     try:
         warned = [r.getMessage() for r in caplog.records if r.name == "mlkd_scale"]
         assert any(str(teacher) in m and "cls.predictions" in m for m in warned), warned
-        assert type(trainer.teacher) is BertForMaskedLM and type(trainer.engine.module.student) is BertForMaskedLM
+        assert (
+            type(trainer.teacher) is BertForMaskedLM
+            and type(trainer.engine.module.student) is BertForMaskedLM
+        )
         _, t_layers = encoder_modules(trainer.teacher)
         _, s_layers = encoder_modules(trainer.engine.module.student)
-        assert torch.equal(s_layers[1].output.dense.weight, t_layers[3].output.dense.weight)  # every other: 1, 4
+        assert torch.equal(
+            s_layers[1].output.dense.weight, t_layers[3].output.dense.weight
+        )  # every other: 1, 4
 
         seen = Recorder(trainer, monkeypatch)
         for _ in range(2):
@@ -84,9 +98,17 @@ def test_mlm_models_same_masked_ids_and_labels_reach_the_objective(tmp_path, wor
         special = torch.tensor(trainer.tokenizer.all_special_ids)
         for index, (raw, labels) in enumerate(zip(seen.raw, seen.labels)):
             step, micro = index // 2 + 1, index % 2
-            expected = mask_tokens(raw, special, trainer.tokenizer.mask_token_id, trainer.teacher.config.vocab_size,
-                                   masking_generator(spec.run.seed, 0, step, micro), spec.data.mlm_probability)
-            assert torch.equal(seen.teacher_ids[index], expected[0]) and torch.equal(seen.student_ids[index], expected[0])
+            expected = mask_tokens(
+                raw,
+                special,
+                trainer.tokenizer.mask_token_id,
+                trainer.teacher.config.vocab_size,
+                masking_generator(spec.run.seed, 0, step, micro),
+                spec.data.mlm_probability,
+            )
+            assert torch.equal(seen.teacher_ids[index], expected[0]) and torch.equal(
+                seen.student_ids[index], expected[0]
+            )
             assert torch.equal(labels, expected[1]) and labels.shape == raw.shape
             picked = labels != IGNORE_INDEX
             assert not torch.isin(raw[picked], special).any()

@@ -27,7 +27,9 @@ def test_every_other_reproduces_distilbert_and_keeps_both_ends():
     for n, m in [(2, 4), (4, 8), (5, 12), (6, 24)]:
         layers = every_other_layers(n, m)
         assert len(layers) == n and layers[-1] == m and all(b - a >= 2 for a, b in itertools.pairwise(layers))
-    with pytest.raises(ValueError, match=r"student.init_layers: 'every_other' needs .* 4 for 3 student layers"):
+    with pytest.raises(
+        ValueError, match=r"student.init_layers: 'every_other' needs .* 4 for 3 student layers"
+    ):
         every_other_layers(3, 4)
 
 
@@ -35,7 +37,9 @@ def test_init_layers_default_by_preset_and_explicit_choices():
     spec = StudentSpec(num_layers=2, hidden_size=48, num_heads=3, intermediate_size=64, init="teacher_layers")
     assert resolve_init_layers(spec, "distilbert", [2, 4], 4) == [1, 4]
     assert resolve_init_layers(spec, "mlkd", [2, 4], 4) == [2, 4]
-    assert resolve_init_layers(spec.model_copy(update={"init_layers": "mapping"}), "distilbert", [2, 4], 4) == [2, 4]
+    assert resolve_init_layers(
+        spec.model_copy(update={"init_layers": "mapping"}), "distilbert", [2, 4], 4
+    ) == [2, 4]
     assert resolve_init_layers(spec.model_copy(update={"init_layers": [3, 1]}), "mlkd", [2, 4], 4) == [3, 1]
 
 
@@ -54,7 +58,10 @@ def test_student_layers_are_copies_of_the_every_other_teacher_layers():
     ("student", "message"),
     [
         ({"init_layers": "every_other"}, "init_layers: is set but init is 'random'"),
-        ({"init": "teacher_layers", "num_layers": 2, "init_layers": [1]}, "has 1 entries but num_layers is 2"),
+        (
+            {"init": "teacher_layers", "num_layers": 2, "init_layers": [1]},
+            "has 1 entries but num_layers is 2",
+        ),
         ({"init": "teacher_layers", "num_layers": 2, "init_layers": [0, 2]}, "1-based"),
     ],
 )
@@ -90,24 +97,44 @@ def _spec(directory: Path, **student) -> Path:
 def test_validate_time_checks_against_a_local_teacher_config(teacher_dir: Path):
     assert isinstance(load_spec(_spec(teacher_dir, init="teacher_layers", num_layers=6)), RunSpec)
     cases = [
-        ({"init": "teacher_layers", "hidden_size": 312, "intermediate_size": 1200},
-         ("student.init: 'teacher_layers' needs the teacher's width and FFN size (teacher.path ./teacher: "
-         "hidden_size 384, intermediate_size 1536), the student has hidden_size 312, intermediate_size 1200")),
-        ({"init": "teacher_layers", "num_layers": 7}, "student.init_layers: 'every_other' needs a teacher with"),
-        ({"init": "teacher_layers", "num_layers": 2, "init_layers": [1, 13]},
-         "student.init_layers: entries [13] are outside the teacher's layers 1..12"),
+        (
+            {"init": "teacher_layers", "hidden_size": 312, "intermediate_size": 1200},
+            (
+                "student.init: 'teacher_layers' needs the teacher's width and FFN size (teacher.path ./teacher: "
+                "hidden_size 384, intermediate_size 1536), the student has hidden_size 312, intermediate_size 1200"
+            ),
+        ),
+        (
+            {"init": "teacher_layers", "num_layers": 7},
+            "student.init_layers: 'every_other' needs a teacher with",
+        ),
+        (
+            {"init": "teacher_layers", "num_layers": 2, "init_layers": [1, 13]},
+            "student.init_layers: entries [13] are outside the teacher's layers 1..12",
+        ),
     ]
     for student, message in cases:
         with pytest.raises(SpecError) as info:
             load_spec(_spec(teacher_dir, **student))
-        assert len(info.value.problems) == 1 and info.value.problems[0].startswith(message), info.value.problems
-    assert isinstance(load_spec(_spec(teacher_dir, hidden_size=312, intermediate_size=1200)), RunSpec)  # random
+        assert len(info.value.problems) == 1 and info.value.problems[0].startswith(message), (
+            info.value.problems
+        )
+    assert isinstance(
+        load_spec(_spec(teacher_dir, hidden_size=312, intermediate_size=1200)), RunSpec
+    )  # random
 
 
 def test_cli_validate_prints_one_sentence_for_a_width_mismatch(teacher_dir: Path):
     _spec(teacher_dir, init="teacher_layers", hidden_size=312, intermediate_size=1200)
-    result = subprocess.run([sys.executable, "-m", "mlkd_scale.cli", "validate", "spec.json"], cwd=teacher_dir,
-                            capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)}, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlkd_scale.cli", "validate", "spec.json"],
+        cwd=teacher_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO)},
+        check=False,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0] == "spec.json: invalid run spec (1 problem)" and len(lines) == 2

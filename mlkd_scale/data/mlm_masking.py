@@ -46,8 +46,9 @@ def mask_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(corrupted input_ids, labels)`` for a batch ``input_ids`` [B, L] (see the module docstring).
 
-    The corrupted ids keep ``input_ids``' dtype, the labels are int64 [B, L]. ``input_ids`` is not modified. The generator must live on ``input_ids``' device (the trainer
-    masks on the CPU, before the batch moves to the accelerator).
+    The corrupted ids keep ``input_ids``' dtype, the labels are int64 [B, L]. ``input_ids`` is not
+    modified. The generator must live on ``input_ids``' device (the trainer masks on the CPU, before
+    the batch moves to the accelerator).
     """
     if not 0.0 < probability < 1.0:
         raise ValueError(f"the masking probability must be in (0, 1), got {probability}")
@@ -59,11 +60,15 @@ def mask_tokens(
     scores = torch.rand(flat.shape, generator=generator, device=flat.device)
     scores[~candidates] = -1.0
     picked = scores.topk(count).indices
-    labels = torch.full(flat.shape, IGNORE_INDEX, dtype=torch.long, device=flat.device)  # as cross-entropy wants
+    labels = torch.full(
+        flat.shape, IGNORE_INDEX, dtype=torch.long, device=flat.device
+    )  # as cross-entropy wants
     labels[picked] = flat[picked].long()
     corrupted = flat.clone()
     action = torch.rand(count, generator=generator, device=flat.device)
-    random_ids = torch.randint(vocab_size, (count,), generator=generator, device=flat.device, dtype=flat.dtype)
+    random_ids = torch.randint(
+        vocab_size, (count,), generator=generator, device=flat.device, dtype=flat.dtype
+    )
     replaced = torch.where(action < MASK_SHARE, torch.full_like(random_ids, mask_id), random_ids)
     keep = action >= MASK_SHARE + RANDOM_SHARE
     corrupted[picked] = torch.where(keep, flat[picked], replaced)
@@ -95,7 +100,11 @@ class BatchMasker:
         self.probability = probability
         self.seed, self.rank = seed, rank
 
-    def __call__(self, input_ids: torch.Tensor, step: int, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, step: int, micro_batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(corrupted input_ids, labels)`` of micro batch ``micro_batch`` of optimizer step ``step``."""
         generator = masking_generator(self.seed, self.rank, step, micro_batch)
-        return mask_tokens(input_ids, self.special_ids, self.mask_id, self.vocab_size, generator, self.probability)
+        return mask_tokens(
+            input_ids, self.special_ids, self.mask_id, self.vocab_size, generator, self.probability
+        )

@@ -45,7 +45,9 @@ def init_layer_choice(student: StudentSpec, preset: str) -> str | list[int]:
     return "every_other" if preset == "distilbert" else "mapping"
 
 
-def width_problem(hidden_size: int, intermediate_size: int, teacher: Mapping[str, Any], where: str) -> str | None:
+def width_problem(
+    hidden_size: int, intermediate_size: int, teacher: Mapping[str, Any], where: str
+) -> str | None:
     """The problem of copying teacher weights into a student of another width or FFN size, if any."""
     t_sizes = (teacher.get("hidden_size"), teacher.get("intermediate_size"))
     s_sizes = (hidden_size, intermediate_size)
@@ -66,7 +68,9 @@ def teacher_fit_problems(spec: RunSpec, teacher: Mapping[str, Any], where: str) 
     student = spec.student
     if student.init != "teacher_layers":
         return []
-    problems = [p for p in [width_problem(student.hidden_size, student.intermediate_size, teacher, where)] if p]
+    problems = [
+        p for p in [width_problem(student.hidden_size, student.intermediate_size, teacher, where)] if p
+    ]
     depth = teacher.get("num_hidden_layers")
     choice = init_layer_choice(student, spec.losses.preset)
     if not isinstance(depth, int):
