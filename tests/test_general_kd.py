@@ -16,7 +16,7 @@ from run_fixtures import (
     run_two_nodes,
     sample_ids,
 )
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from mlkd_scale.engine.checkpoint import read_complete
 from mlkd_scale.engine.tb_logger import read_scalars, read_texts
@@ -104,6 +104,25 @@ def test_tinybert_preset_runs_on_sdpa_models(tmp_path, assets):
     for tag in ("loss/emb", "loss/attn", "loss/hidden"):
         assert [s for s, _ in scalars[tag]] == [1, 2] and all(v > 0 and math.isfinite(v) for _, v in scalars[tag])
     assert AutoModel.from_pretrained(tmp_path / "out" / "student").config.num_attention_heads == 12
+
+
+def test_distilbert_preset_runs_with_mlm_models_and_exports_a_loadable_student(tmp_path, assets):
+    """The distilbert preset trains a BertForMaskedLM student initialised from every other teacher
+    layer; the quick-start-like teacher (a bare encoder) is named in a warning for its missing MLM head."""
+    teacher, corpus = assets
+    spec = make_spec(tmp_path, teacher, corpus, train__max_steps=2, train__zero_stage=2, losses__preset="distilbert",
+                     student__num_heads=12, student__hidden_size=48, student__intermediate_size=96,
+                     student__init="teacher_layers")
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
+                          check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=child_env())
+    check_ok(proc)
+    assert f"teacher {teacher} has no trained weights for cls.predictions" in proc.stderr
+    export = tmp_path / "out" / "student"
+    assert AutoModelForMaskedLM.from_pretrained(export).config.architectures == ["BertForMaskedLM"]
+    student = AutoModel.from_pretrained(export)
+    ids = AutoTokenizer.from_pretrained(export)(["a relation of tokens"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(student(**ids).last_hidden_state).all()
 
 
 def test_torchrun(tmp_path, assets):

@@ -53,10 +53,10 @@ from mlkd_scale.engine.task_stage import (
 )
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
-from mlkd_scale.models import FeatureTap, build_student, resolve_layer_mapping
+from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
 from mlkd_scale.models.taps import head_logits
 from mlkd_scale.models.teacher import DTYPES, freeze
-from mlkd_scale.spec import RunSpec, SpecError
+from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
 
 
 def load_task_teacher(path: str, dtype: str, task: GlueTask) -> tuple[PreTrainedModel, list[int] | None]:
@@ -97,7 +97,11 @@ def build_task_student(
         return type(teacher).from_pretrained(
             spec.path, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
         )
-    student = build_student(teacher, spec, layer_map)
+    problems = teacher_fit_problems(ctx.spec, teacher.config.to_dict(), f"teacher.path {ctx.spec.teacher.path}")
+    if problems:
+        raise SpecError(problems)
+    init_layers = resolve_init_layers(spec, ctx.spec.losses.preset, layer_map, teacher.config.num_hidden_layers)
+    student = build_student(teacher, spec, init_layers)
     for key, value in labels.items():
         setattr(student.config, key, value)
     if spec.init == "teacher_layers" and order is not None:  # the copied head's output rows

@@ -4,6 +4,10 @@ One object per run. Reading order: :meth:`Trainer.__init__` builds everything (t
 objective, DeepSpeed engine, data stream, checkpoints, logger) and resumes if a checkpoint exists;
 :meth:`Trainer.train` is the loop; :meth:`Trainer.state_dict` is what a checkpoint carries
 besides DeepSpeed's own shards.
+
+When the objective reads masked-language-model predictions (the distilbert preset), teacher and
+student are ``AutoModelForMaskedLM`` models and every micro batch is corrupted on the CPU
+(:mod:`mlkd_scale.data.mlm_masking`) before both see it; the labels go to the objective.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from pathlib import Path
 import deepspeed
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import logging as hf_logging
 
+from mlkd_scale.data.mlm_masking import BatchMasker
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
@@ -28,11 +33,66 @@ from mlkd_scale.engine.reshard import prepare_resume
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
-from mlkd_scale.models import FeatureTap, build_student, load_teacher, resolve_layer_mapping
+from mlkd_scale.models import (
+    FeatureTap,
+    build_student,
+    build_student_config,
+    load_teacher,
+    resolve_init_layers,
+    resolve_layer_mapping,
+)
 from mlkd_scale.plan import resolve_plan
-from mlkd_scale.spec import RunSpec, SpecError, spec_hash
+from mlkd_scale.spec import RunSpec, SpecError, spec_hash, teacher_fit_problems
 
 log = logging.getLogger("mlkd_scale")
+
+
+def build_models(spec: RunSpec, is_main: bool) -> tuple[PreTrainedModel, PreTrainedModel, DistillationObjective]:
+    """``(teacher, student, objective)``, the models of the class the objective reads from.
+
+    An objective whose terms read masked-language-model predictions (``objective.masked_lm``, the
+    distilbert preset's stage 1) gets an ``AutoModelForMaskedLM`` teacher and a student of the same
+    class, whose tapped ``logits`` are the MLM logits [B, L, V]; any other a bare ``AutoModel``.
+    Rank 0 warns when the teacher's checkpoint lacks weights of that class (an untrained MLM head).
+    A student that cannot be initialised from this teacher is a :class:`SpecError`, raised from the
+    teacher's config before any weight is loaded.
+    """
+    t_config = AutoConfig.from_pretrained(spec.teacher.path)
+    problems = teacher_fit_problems(spec, t_config.to_dict(), f"teacher.path {spec.teacher.path}")
+    if problems:
+        raise SpecError(problems)
+    model_class = AutoModelForMaskedLM if reads_masked_lm(spec, t_config) else AutoModel
+    teacher = load_teacher(spec.teacher.path, spec.teacher.dtype, model_class, warn_missing=is_main)
+    depth = t_config.num_hidden_layers
+    layer_map = resolve_layer_mapping(spec.losses.layer_mapping, spec.student.num_layers, depth)
+    init_layers = resolve_init_layers(spec.student, spec.losses.preset, layer_map, depth)
+    student = build_student(teacher, spec.student, init_layers)
+    return teacher, student, DistillationObjective(spec.losses, teacher.config, student.config, stage=1)
+
+
+def reads_masked_lm(spec: RunSpec, t_config) -> bool:
+    """``objective.masked_lm`` of the run's stage-1 objective, known before any model exists.
+
+    A throw-away objective on the configs alone; the global random state is left as it was, so the
+    student and the real objective are initialised exactly as if this had not run.
+    """
+    s_config = AutoConfig.from_pretrained(spec.student.path) if spec.student.init == "path" else None
+    with torch.random.fork_rng(devices=[]):
+        probe = DistillationObjective(
+            spec.losses, t_config, s_config or build_student_config(t_config, spec.student), stage=1
+        )
+    return probe.masked_lm
+
+
+def masker_for(objective: DistillationObjective, tokenizer, vocab_size: int, spec: RunSpec, rank: int):
+    """The MLM corruption of the batches (``data.mlm_probability``) when the objective reads MLM
+    labels, else None."""
+    if not objective.masked_lm:
+        return None
+    try:
+        return BatchMasker(tokenizer, vocab_size, spec.data.mlm_probability, spec.run.seed, rank)
+    except ValueError as error:
+        raise SpecError(f"teacher.path: {error}; give a teacher whose tokenizer has one") from None
 
 
 class Trainer:
@@ -53,12 +113,9 @@ class Trainer:
         deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # same initial student on every rank
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
-        teacher = load_teacher(spec.teacher.path, spec.teacher.dtype)
-        layer_map = resolve_layer_mapping(
-            spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
-        )
-        student = build_student(teacher, spec.student, layer_map)
-        objective = DistillationObjective(spec.losses, teacher.config, student.config, stage=1)
+        teacher, student, objective = build_models(spec, self.dist.is_main)
+        self.masker = masker_for(objective, self.tokenizer, teacher.config.vocab_size, spec, self.dist.rank)
+        self._micro_batch = 0  # index of the next micro batch within the step (the masks' seed)
         self.placed_teacher = place_teacher(teacher, spec.teacher, self.plan, self.dist.device)
         self.teacher = self.placed_teacher.model
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
@@ -134,21 +191,23 @@ class Trainer:
             self._sample_log.write(json.dumps(line) + "\n")
         # Packed sequences are always full, so no attention mask travels: the models then skip
         # building one and the relation losses skip masking ([B, A, L, L] work per layer).
-        return {
-            k: batch[k].to(self.dist.device, non_blocking=True)
-            for k in MODEL_INPUTS
-            if k in batch and k != "attention_mask"
-        }
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "attention_mask"}
+        if self.masker is not None:  # on the CPU, before the copy: teacher and student see these ids
+            inputs["input_ids"], inputs["labels"] = self.masker(batch["input_ids"], self.step + 1, self._micro_batch)
+        self._micro_batch += 1
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in inputs.items()}
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch.pop("labels", None)  # the MLM labels [B, L] (-100 where nothing is predicted)
         # no_grad rather than inference_mode: the losses save teacher tensors for the student's
         # backward (e.g. the MSE target), which autograd refuses to do with inference tensors.
         with torch.no_grad():
             teacher_features = self.teacher_tap(**batch)
-        return self.engine(batch, teacher_features)
+        return self.engine(batch, teacher_features, labels)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step (all micro batches); returns the step's mean loss terms, on device."""
+        self._micro_batch = 0
         terms = optimizer_step(self.engine, self._next_batch, self._loss, self.plan.gradient_accumulation_steps)
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step

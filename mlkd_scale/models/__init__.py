@@ -1,7 +1,7 @@
 """Teacher loading, student building, layer mapping and feature taps."""
 
 from mlkd_scale.models.mapping import resolve_layer_mapping
-from mlkd_scale.models.student import build_student, build_student_config
+from mlkd_scale.models.student import build_student, build_student_config, resolve_init_layers
 from mlkd_scale.models.taps import Features, FeatureTap, TapRequest
 from mlkd_scale.models.teacher import load_teacher
 
@@ -12,5 +12,6 @@ __all__ = [
     "build_student",
     "build_student_config",
     "load_teacher",
+    "resolve_init_layers",
     "resolve_layer_mapping",
 ]

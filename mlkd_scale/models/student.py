@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from mlkd_scale.models.taps import encoder_modules
-from mlkd_scale.spec import StudentSpec
+from mlkd_scale.spec import StudentSpec, every_other_layers, init_layer_choice, width_problem
 
 
 def build_student_config(teacher_config: PretrainedConfig, spec: StudentSpec) -> PretrainedConfig:
@@ -28,13 +28,13 @@ def build_student_config(teacher_config: PretrainedConfig, spec: StudentSpec) ->
     return config
 
 
-def build_student(teacher: PreTrainedModel, spec: StudentSpec, layer_map: list[int]) -> PreTrainedModel:
-    """A student of the teacher's class (so a task teacher gets a student with the same head).
+def build_student(teacher: PreTrainedModel, spec: StudentSpec, init_layers: list[int]) -> PreTrainedModel:
+    """A student of the teacher's class (so a task or MLM teacher gets a student with the same head).
 
     * ``random``: fresh weights from the class's own initialiser.
-    * ``teacher_layers``: the teacher's embeddings, the mapped layers ``layer_map`` and any head or
-      pooler are copied; needs equal width and FFN size (head counts may differ: Q, K, V and W^O are
-      d×d whatever the number of heads).
+    * ``teacher_layers``: the teacher's embeddings, the teacher layers ``init_layers`` (1-based, one
+      per student layer; :func:`resolve_init_layers`) and any head or pooler are copied; needs equal
+      width and FFN size (head counts may differ: Q, K, V and W^O are d×d whatever the number of heads).
     * ``path``: an existing Hugging Face directory; its own config wins over the spec's architecture.
     The student is always fp32 (mixed precision is DeepSpeed's job) and uses SDPA attention.
     """
@@ -44,24 +44,36 @@ def build_student(teacher: PreTrainedModel, spec: StudentSpec, layer_map: list[i
     config = build_student_config(teacher.config, spec)
     student = model_class(config).to(torch.float32)
     if spec.init == "teacher_layers":
-        copy_teacher_layers(teacher, student, layer_map)
+        copy_teacher_layers(teacher, student, init_layers)
     return student
 
 
-def copy_teacher_layers(teacher: PreTrainedModel, student: PreTrainedModel, layer_map: list[int]) -> None:
-    """Copy embeddings, mapped layers and everything outside the encoder from teacher to student."""
-    t_cfg, s_cfg = teacher.config, student.config
-    if (t_cfg.hidden_size, t_cfg.intermediate_size) != (s_cfg.hidden_size, s_cfg.intermediate_size):
-        raise ValueError(
-            "student.init 'teacher_layers' needs the teacher's width and FFN size "
-            f"({t_cfg.hidden_size}/{t_cfg.intermediate_size}), the student has "
-            f"{s_cfg.hidden_size}/{s_cfg.intermediate_size}; use init 'random' or match the sizes"
-        )
+def resolve_init_layers(spec: StudentSpec, preset: str, layer_map: list[int], num_teacher_layers: int) -> list[int]:
+    """The teacher layers (1-based) that ``init='teacher_layers'`` copies into student layers 1..N.
+
+    ``student.init_layers``: 'mapping' is the loss's layer mapping ``layer_map``; 'every_other' is
+    DistilBERT's choice (:func:`~mlkd_scale.spec.teacher_fit.every_other_layers`), the default of
+    the distilbert preset; a list is taken as given.
+    """
+    choice = init_layer_choice(spec, preset)
+    if choice == "mapping":
+        return list(layer_map)
+    if choice == "every_other":
+        return every_other_layers(spec.num_layers, num_teacher_layers)
+    return list(choice)
+
+
+def copy_teacher_layers(teacher: PreTrainedModel, student: PreTrainedModel, init_layers: list[int]) -> None:
+    """Copy embeddings, the teacher layers ``init_layers`` and everything outside the encoder."""
+    s_cfg = student.config
+    problem = width_problem(s_cfg.hidden_size, s_cfg.intermediate_size, teacher.config.to_dict(), "the teacher")
+    if problem:
+        raise ValueError(problem)
     t_emb, t_layers = encoder_modules(teacher)
     s_emb, s_layers = encoder_modules(student)
     with torch.no_grad():
         _copy_module(t_emb, s_emb)
-        for s_index, t_layer in enumerate(layer_map):
+        for s_index, t_layer in enumerate(init_layers):
             _copy_module(t_layers[t_layer - 1], s_layers[s_index])
         encoder_params = {id(p) for p in nn.ModuleList([t_emb, t_layers]).parameters()}
         t_rest = {k: v for k, v in teacher.named_parameters() if id(v) not in encoder_params}

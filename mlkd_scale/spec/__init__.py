@@ -53,6 +53,12 @@ from mlkd_scale.spec.sections import (
     TrainSpec,
 )
 from mlkd_scale.spec.task import FinetuneBudget, SquadSpec, Stage1Budget, Stage2Budget, StageBudget, TaskSpec
+from mlkd_scale.spec.teacher_fit import (
+    every_other_layers,
+    init_layer_choice,
+    teacher_fit_problems,
+    width_problem,
+)
 
 __all__ = [
     "MAX_INT",
@@ -90,6 +96,10 @@ __all__ = [
     "check_paths",
     "HASH_EXCLUDE",
     "spec_hash",
+    "every_other_layers",
+    "init_layer_choice",
+    "teacher_fit_problems",
+    "width_problem",
 ]
 
 

@@ -14,6 +14,7 @@ from pydantic import (
 from mlkd_scale.spec.errors import SpecError, _key_text, format_validation_error
 from mlkd_scale.spec.paths import _section_path_problems, check_paths
 from mlkd_scale.spec.run import RunSpec
+from mlkd_scale.spec.teacher_fit import local_teacher_problems
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -222,7 +223,8 @@ def read_mapping(path: str | Path, what: str = "spec") -> dict:
 def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
     """Read, validate and check a spec file; raise one :class:`SpecError` with every problem.
 
-    Gathers schema errors, files that must exist (:func:`check_paths`) and DeepSpeed-config
+    Gathers schema errors, files that must exist (:func:`check_paths`), a student that does not fit
+    a local teacher's config (:func:`~mlkd_scale.spec.teacher_fit.local_teacher_problems`) and DeepSpeed-config
     conflicts. With ``world_size`` it also checks the batch arithmetic of :func:`resolve_plan`, so a
     CLI can report every problem of a spec in one pass.
     """
@@ -235,7 +237,7 @@ def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
         # Still check the files of the sections that are valid on their own, so one pass finds all.
         problems = format_validation_error(exc) + _section_path_problems(data)
         raise SpecError(problems) from None
-    problems = check_paths(spec)
+    problems = check_paths(spec) + local_teacher_problems(spec)
     if world_size is None:
         problems += _plan.check_deepspeed(spec)
     else:

@@ -32,10 +32,17 @@ class StudentSpec(StrictModel):
     intermediate_size: int = Field(1200, ge=8, description="FFN inner width.")
     init: Literal["random", "teacher_layers", "path"] = Field(
         "random",
-        description="random: fresh weights; teacher_layers: copy the embeddings and the mapped teacher "
-        "layers (widths must match); path: load `path`, an existing Hugging Face directory.",
+        description="random: fresh weights; teacher_layers: copy the embeddings, any head and the teacher "
+        "layers init_layers names (widths must match); path: load `path`, an existing Hugging Face directory.",
     )
     path: str | None = Field(None, description="Hugging Face directory of a student, for init='path'.")
+    init_layers: Literal["mapping", "every_other"] | list[int] | None = Field(
+        None,
+        description="init='teacher_layers' only: which teacher layers (1-based) student layers 1..N are copied "
+        "from. 'mapping': losses.layer_mapping's layers; 'every_other': DistilBERT's every other layer, "
+        "counted from both ends (1, 3, 5, 8, 10, 12 for 6 of 12; needs 2N <= M); or a list of N layers. "
+        "None: 'every_other' for the distilbert preset, 'mapping' otherwise.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudentSpec:
@@ -55,6 +62,18 @@ class StudentSpec(StrictModel):
             )
         if self.path and self.init != "path":
             raise ValueError(f"path: is set but init is '{self.init}'; set init to 'path' or drop path")
+        if self.init_layers is not None and self.init != "teacher_layers":
+            raise ValueError(
+                f"init_layers: is set but init is '{self.init}'; set init to 'teacher_layers' or drop init_layers"
+            )
+        if isinstance(self.init_layers, list):
+            if len(self.init_layers) != self.num_layers:
+                raise ValueError(
+                    f"init_layers: has {len(self.init_layers)} entries but num_layers is {self.num_layers}; "
+                    "give one teacher layer per student layer, 'mapping' or 'every_other'"
+                )
+            if any(layer < 1 for layer in self.init_layers):
+                raise ValueError(f"init_layers: teacher layers are 1-based, got {self.init_layers}; use numbers >= 1")
         return self
 
 
@@ -109,6 +128,14 @@ class DataSpec(StrictModel):
         "(tokenized and packed once, by many processes) instead of tokenizing while training: far faster "
         "input, a global shuffle of all sequences every epoch (shuffle_buffer is then unused), and exact "
         "resume at any world size. None = stream and tokenize the sources during training.",
+    )
+    mlm_probability: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Share of the non-special tokens picked for masked-language modelling (80 % [MASK], 10 % a "
+        "random token, 10 % kept; mlkd_scale/data/mlm_masking.py) in runs whose loss terms read MLM "
+        "predictions (the distilbert preset's stage 1); unused otherwise.",
     )
     stream_shards: int | None = Field(
         None,
