@@ -102,7 +102,7 @@ def general_spec(args, variant: str, seed: int, run_dir: Path) -> dict:
     spec["run"].update(name=f"compare-{variant}-{seed}", output_dir=str(run_dir / "general"), seed=seed)
     spec["teacher"]["path"] = str(args.teacher)
     spec["student"].update(args.student, num_heads=heads)
-    spec["losses"] = dict(losses)
+    spec["losses"] = {**spec["losses"], **losses}  # the quick-start's readings (projection_init), this preset
     spec["data"]["sources"][0]["path"] = str(args.corpus / "train.jsonl")
     spec["data"]["max_seq_length"] = args.seq
     spec["train"].update(max_steps=args.steps, micro_batch_size=args.batch, zero_stage=0)
@@ -116,7 +116,8 @@ def task_spec(args, variant: str, seed: int, run_dir: Path, task_teacher: Path) 
     spec["run"].update(name=f"compare-task-{variant}-{seed}", output_dir=str(run_dir / "task"), seed=seed)
     spec["teacher"]["path"] = str(task_teacher)
     spec["student"] = {**spec["student"], "init": "path", "path": str(run_dir / "general" / "student")}
-    spec["losses"] = dict(losses)
+    general = json.loads((ROOT / "examples/quickstart.json").read_text())["losses"]
+    spec["losses"] = {**general, **losses}
     stages = TASK_STAGES[losses["preset"]]
     spec["task"].update(
         data_dir=str(args.task_data),
@@ -254,14 +255,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=120, help="general-distillation optimizer steps per run")
+    p.add_argument("--steps", type=int, default=100, help="general-distillation optimizer steps per run")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (one process)")
     p.add_argument("--task-epochs", type=int, default=2, help="epochs of each task-distillation stage")
     p.add_argument("--sentences", type=int, default=400, help="held-out sentences for the agreement")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--latency-batch", type=int, default=8)
     p.add_argument("--latency-rounds", type=int, default=20)
-    p.add_argument("--seq", type=int, default=128, help="sequence length of general distillation and timing")
+    p.add_argument("--seq", type=int, default=64, help="sequence length of general distillation and timing")
     p.add_argument("--out", type=Path, default=ROOT / "outputs/compare")
     p.add_argument("--teacher", type=Path, default=ROOT / "data/quickstart/teacher")
     p.add_argument("--corpus", type=Path, default=ROOT / "data/quickstart/corpus")
