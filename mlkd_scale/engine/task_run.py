@@ -43,7 +43,8 @@ def make_context(
     except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each
         raise DataError(f"task data: {error}") from None
     ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps)
-    ctx.print(plan.summary(), data.describe())
+    stage2 = " (Stage 2 too: task.augment_stage2)" if spec.task.augment_stage2 and with_augmented else ""
+    ctx.print(plan.summary(), data.describe() + stage2)
     return ctx, data
 
 
