@@ -156,3 +156,25 @@ def test_finetune_a_teacher_then_distil_from_a_general_student(tmp_path: Path, w
     # a relaunch of finished runs only reports (and re-exports)
     assert run_task_kd(load_spec(kd_spec), dist=world)["finished"]
     assert "stage2 already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("augment_stage2", [False, True])
+def test_stage2_reads_the_augmentation_cache_only_when_asked(tmp_path: Path, world, capsys, augment_stage2) -> None:
+    """TinyBERT distils the prediction layer on the augmented set too; task.augment_stage2 does that."""
+    from task_fixtures import GLUE
+    from test_task_data import _CopyAugmenter
+
+    from mlkd_scale.data.augment import augment_dataset
+    from mlkd_scale.data.augment_inputs import TASKS as AUGMENT_TASKS
+    from mlkd_scale.data.augment_inputs import read_examples
+
+    preset = AUGMENT_TASKS["sst-2"]
+    examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)
+    augment_dataset(examples, tmp_path / "aug", _CopyAugmenter())  # 2 variants of every example
+    teacher = make_task_teacher(tmp_path / "teacher", "SST-2")
+    spec = task_spec(tmp_path, teacher, "SST-2", task__stages=[2], task__stage2={"epochs": 1, "lr": 1e-3},
+                     task__augmented_dir=str(tmp_path / "aug"), task__augment_stage2=augment_stage2)
+    result, stdout = _run(spec, world, capsys)
+    steps_per_epoch = -(-len(examples) * (2 if augment_stage2 else 1) // 4)  # micro batch 4, one rank
+    assert result["finished"] and f"run finished at step {steps_per_epoch}" in stdout
+    assert ("Stage 2 too" in stdout) is augment_stage2
