@@ -33,10 +33,10 @@ from mlkd_scale.engine.reshard import prepare_resume
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
+from mlkd_scale.losses.presets import get_preset
 from mlkd_scale.models import (
     FeatureTap,
     build_student,
-    build_student_config,
     load_teacher,
     resolve_init_layers,
     resolve_layer_mapping,
@@ -61,7 +61,7 @@ def build_models(spec: RunSpec, is_main: bool) -> tuple[PreTrainedModel, PreTrai
     problems = teacher_fit_problems(spec, t_config.to_dict(), f"teacher.path {spec.teacher.path}")
     if problems:
         raise SpecError(problems)
-    model_class = AutoModelForMaskedLM if reads_masked_lm(spec, t_config) else AutoModel
+    model_class = AutoModelForMaskedLM if reads_masked_lm(spec) else AutoModel
     teacher = load_teacher(spec.teacher.path, spec.teacher.dtype, model_class, warn_missing=is_main)
     depth = t_config.num_hidden_layers
     layer_map = resolve_layer_mapping(spec.losses.layer_mapping, spec.student.num_layers, depth)
@@ -70,18 +70,12 @@ def build_models(spec: RunSpec, is_main: bool) -> tuple[PreTrainedModel, PreTrai
     return teacher, student, DistillationObjective(spec.losses, teacher.config, student.config, stage=1)
 
 
-def reads_masked_lm(spec: RunSpec, t_config) -> bool:
-    """``objective.masked_lm`` of the run's stage-1 objective, known before any model exists.
-
-    A throw-away objective on the configs alone; the global random state is left as it was, so the
-    student and the real objective are initialised exactly as if this had not run.
-    """
-    s_config = AutoConfig.from_pretrained(spec.student.path) if spec.student.init == "path" else None
-    with torch.random.fork_rng(devices=[]):
-        probe = DistillationObjective(
-            spec.losses, t_config, s_config or build_student_config(t_config, spec.student), stage=1
-        )
-    return probe.masked_lm
+def reads_masked_lm(spec: RunSpec) -> bool:
+    """``objective.masked_lm`` of the run's stage-1 objective, known from the spec before any model
+    exists: a term of the preset's that reads MLM predictions keeps a weight other than 0."""
+    preset = get_preset(spec.losses.preset)
+    defaults = preset.default_weights.get(1, {})
+    return any(spec.losses.weights.get(term, defaults.get(term, 1.0)) != 0 for term in preset.masked_lm_terms.get(1, ()))
 
 
 def masker_for(objective: DistillationObjective, tokenizer, vocab_size: int, spec: RunSpec, rank: int):
