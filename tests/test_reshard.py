@@ -26,6 +26,7 @@ from mlkd_scale.data.sources import DataError
 from mlkd_scale.data.stream import PackedStream
 from mlkd_scale.data.stream_shards import ShardedStream, owned_shards, regroup
 from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, atomic_write, capture_rng_state
+from mlkd_scale.engine.checkpoint_verify import describe
 from mlkd_scale.engine.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import RunSpec
@@ -133,7 +134,7 @@ def _run_spec(tmp_path, **overrides) -> RunSpec:
 
 
 def _fake_checkpoint(ckpt_dir: Path, world_size: int, num_shards: int, zero_files: bool = True) -> Path:
-    """A COMPLETE tag directory with rank_state files (and empty ZeRO shard names), no real weights."""
+    """A COMPLETE tag directory (with its manifest) of rank_state files and empty shard files, no real weights."""
     tag = ckpt_dir / "step00000002"
     for rank in range(world_size):
         data = {
@@ -148,7 +149,9 @@ def _fake_checkpoint(ckpt_dir: Path, world_size: int, num_shards: int, zero_file
         atomic_write(tag / "rank_state" / f"rank{rank:05d}.pt", lambda f, d=data: torch.save({"data": d}, f))
         if zero_files:
             (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
-    (tag / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": world_size, "tag": tag.name}))
+    (tag / "mp_rank_00_model_states.pt").touch()
+    files = describe([p for p in tag.rglob("*") if p.is_file() and p.name != "COMPLETE"], tag)
+    (tag / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": world_size, "tag": tag.name, "files": files}))
     (ckpt_dir / "latest").write_text(tag.name)
     return tag
 

@@ -8,13 +8,23 @@ Layout under ``ckpt_dir`` (one directory per run)::
     step00001000/               one tag per saved optimizer step
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's own shards (+ client_state)
         rank_state/rank00000.pt one file per rank: data position, RNG (they differ per rank)
-        COMPLETE                JSON {step, world_size, time, tag}: the commit marker
+        COMPLETE                JSON {step, world_size, time, tag, files}: the commit marker and
+                                the manifest (every file's size and CRC-32, checkpoint_verify.py)
+    mlkd_run.json               the run this folder belongs to (another run refuses to write here)
 
 Why not DeepSpeed's ``latest``: rank 0 writes it as soon as *its own* shards are on disk, before
 the other ranks are done, so a crash can leave ``latest`` naming a half-written checkpoint. Here a
 checkpoint counts only once ``COMPLETE`` exists, and rank 0 writes ``COMPLETE`` (then ``latest``)
 only after a barrier that every rank reaches after writing all its files. A tag directory without
 ``COMPLETE`` is debris of a crash: resume ignores it and the next save removes it.
+
+Every shard is fsynced by the rank that wrote it (:mod:`~mlkd_scale.engine.safe_load`'s checkpoint
+engine) before ``COMPLETE`` is written, and rank 0 verifies the new checkpoint against its
+manifest before ``latest`` moves to it and older ones are pruned, so ``keep_last`` never deletes
+the last verified checkpoint first. Resume verifies before loading: a checkpoint that fails is
+reported (file and fault), set aside as ``<tag>.damaged`` and the previous verified one is used,
+``latest`` moved back to it. Every ``.pt`` file is loaded without running code
+(:func:`~mlkd_scale.engine.safe_load.load_plain`).
 
 All ranks must see the same file system (a shared one on multi-node clusters).
 """
@@ -26,7 +36,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -39,14 +48,16 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
+from mlkd_scale.engine import checkpoint_verify
+from mlkd_scale.engine.checkpoint_verify import COMPLETE, TAG_RE, claim_folder, rank_state_name
+from mlkd_scale.engine.safe_load import install_checkpoint_engine, load_plain, plain_data_only
+from mlkd_scale.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 LATEST = "latest"
 BEST = "best.json"  # {"tag", "step", ...}: the checkpoint pinned against keep_last pruning (task runs)
 HF_META = "hf_meta"
-RANK_STATE_DIR = "rank_state"
-_TAG_RE = re.compile(r"^step(\d{8})$")
 # DeepSpeed merges client_state into its own top-level dict, so these names would overwrite its
 # entries (the weights, the optimizer, ...) without a word; on load they are filtered back out.
 _DEEPSPEED_KEYS = frozenset(
@@ -78,10 +89,6 @@ def strip_deepspeed_keys(client_state: dict) -> dict:
     return {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message says what to do."""
-
-
 # ----------------------------------------------------------------------------- small file helpers
 
 
@@ -94,8 +101,8 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def read_complete(tag_dir: Path) -> dict:
-    """The COMPLETE marker's JSON (step, world_size, time, tag)."""
-    return json.loads((Path(tag_dir) / COMPLETE).read_text())
+    """The COMPLETE marker's JSON (step, world_size, time, tag, files); CheckpointError if damaged."""
+    return checkpoint_verify.read_marker(tag_dir)
 
 
 def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -104,7 +111,7 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in Path(ckpt_dir).iterdir():
-        m = _TAG_RE.match(child.name)
+        m = TAG_RE.match(child.name)
         if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return sorted(found)
@@ -154,12 +161,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 def capture_rng_state() -> dict:
     """Every RNG a training step may draw from (dropout, shuffling, augmentation), for rank_state.
 
-    Only the current CUDA device is captured: each rank owns one device, and touching the others
-    would create a CUDA context on every GPU from every rank.
+    Plain values and tensors only, so that rank_state loads with ``weights_only=True`` (numpy's
+    state array becomes an int64 tensor). Only the current CUDA device is captured: each rank owns
+    one device, and touching the others would create a CUDA context on every GPU from every rank.
     """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch_cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -169,7 +184,16 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["bit_generator"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
@@ -183,33 +207,51 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class CheckpointManager:
-    """Saves, finds and loads the run's checkpoints; every rank builds one and calls every method
-    (except :meth:`save_hf_meta`, which is rank 0's job but harmless elsewhere)."""
+def _gather_to_all(value):
+    """Every rank's ``value`` as a list in rank order (``[value]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int):
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank (also a barrier)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointManager:
+    """Saves, finds, verifies and loads the run's checkpoints; every rank builds one and calls every
+    method (except :meth:`save_hf_meta`, which is rank 0's job but harmless elsewhere).
+
+    ``owner`` names the run (and stage) the folder belongs to; a folder recorded for another owner
+    is refused (:func:`~mlkd_scale.engine.checkpoint_verify.claim_folder`).
+    """
+
+    def __init__(self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int, owner: str | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.ckpt_dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        if owner is not None:
+            claim_folder(self.ckpt_dir, owner, "the checkpoint folder", allow_foreign=True)
 
     # -- save
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict) -> Path:
-        """Write checkpoint ``step`` on every rank, then commit it (COMPLETE, ``latest``, pruning).
+        """Write checkpoint ``step`` on every rank, then commit it (COMPLETE with the manifest, a
+        verification, ``latest``, pruning).
 
         Collective: every rank must call it with the same ``step``. Returns the tag directory.
         """
-        is_decoupled = getattr(engine.checkpoint_engine, "is_decoupled", lambda: False)
-        if is_decoupled():
-            # An asynchronous checkpoint engine returns before the shards are on disk, so a
-            # COMPLETE written after the barrier would not prove anything.
-            raise CheckpointError(
-                "checkpoints need DeepSpeed's synchronous checkpoint engine; "
-                "remove the asynchronous/decoupled checkpoint section from the DeepSpeed config"
-            )
+        install_checkpoint_engine(engine)  # refuses an asynchronous engine: its COMPLETE would prove nothing
         clashes = sorted(_DEEPSPEED_KEYS.intersection(client_state))
         if clashes:
             raise ValueError(
@@ -228,23 +270,40 @@ class CheckpointManager:
             shutil.rmtree(tag_dir)
         _barrier()
 
+        engine.checkpoint_engine.take_written()  # forget anything saved outside a checkpoint
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        rank_file = tag_dir / RANK_STATE_DIR / f"rank{self.rank:05d}.pt"
+        rank_file = tag_dir / rank_state_name(self.rank)
         atomic_write(rank_file, lambda f: torch.save(rank_state, f))
-        _barrier()  # every rank's shards and rank_state are on disk past this line
+        written = engine.checkpoint_engine.take_written() + [str(rank_file)]
+        for folder in {Path(p).parent for p in written}:
+            _fsync_dir(folder)
+        # every rank's shards and rank_state are on disk (fsynced) past this gather
+        manifest = {}
+        for files in _gather_to_all(checkpoint_verify.describe(written, tag_dir)):
+            manifest.update(files)
 
+        error = None
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "time": time.time(), "tag": tag}
+            marker = {"step": step, "world_size": self.world_size, "time": time.time(), "tag": tag,
+                      "files": dict(sorted(manifest.items()))}
             atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1) + "\n")
-            atomic_write_text(self.ckpt_dir / LATEST, tag)
-            self._prune(keep=tag_dir)
-        _barrier()  # nobody races ahead (and e.g. exits) while rank 0 is still committing
+            found = checkpoint_verify.problems(tag_dir)
+            if found:
+                error = (f"checkpoint {tag_dir} did not verify right after it was written ({'; '.join(found)}); "
+                         f"{self.ckpt_dir / LATEST} still names {self.latest_name()} and nothing was pruned. "
+                         "Check the file system (space, quota, errors) and relaunch")
+            else:
+                atomic_write_text(self.ckpt_dir / LATEST, tag)
+                self._prune(keep=tag_dir)
+        error = _from_rank0(error)  # nobody races ahead (and e.g. exits) while rank 0 is still committing
+        if error is not None:
+            raise CheckpointError(error)
         return tag_dir
 
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond ``keep_last`` (oldest step first, never ``keep``) and
         incomplete directories older than ``keep`` (a crash left them; nothing can resume them)."""
-        keep_step = int(_TAG_RE.match(keep.name).group(1))
+        keep_step = int(TAG_RE.match(keep.name).group(1))
         tags = list_tags(self.ckpt_dir)
         pinned = self.read_best() or {}
         complete = [p for _, p in tags if p != keep and is_complete(p) and p.name != pinned.get("tag")]
@@ -272,19 +331,37 @@ class CheckpointManager:
         _barrier()
 
     def read_best(self) -> dict | None:
-        """The pinned best checkpoint's record (``tag``, ``step``, what mark_best was given), or None."""
+        """The pinned best checkpoint's record (``tag``, ``step``, what mark_best was given), or None
+        (also when ``best.json`` is damaged or names no tag of this folder: then a warning)."""
+        path = self.ckpt_dir / BEST
         try:
-            return json.loads((self.ckpt_dir / BEST).read_text())
+            best = json.loads(path.read_text())
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            log.warning("%s is damaged (%s); no checkpoint is pinned as the best", path, error)
+            return None
+        if not isinstance(best, dict) or not TAG_RE.match(str(best.get("tag"))) or not isinstance(best.get("step"), int):
+            log.warning("%s does not name a checkpoint tag of %s; no checkpoint is pinned", path, self.ckpt_dir)
+            return None
+        return best
 
     # -- resume
 
     def _read_latest(self) -> str | None:
+        """The tag ``latest`` names: a ``stepNNNNNNNN`` name inside this folder, nothing else."""
+        path = self.ckpt_dir / LATEST
         try:
-            return (self.ckpt_dir / LATEST).read_text().strip() or None
+            latest = path.read_text().strip()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as error:
+            log.warning("%s cannot be read (%s); ignoring it", path, error)
+            return None
+        if latest and not TAG_RE.match(latest):
+            log.warning("%s holds %r, which is not a checkpoint tag of this folder; ignoring it", path, latest[:80])
+            return None
+        return latest or None
 
     def latest_name(self) -> str:
         """The tag ``latest`` names, for messages (``"none"`` before the first checkpoint)."""
@@ -295,10 +372,23 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def resolve_resume(self, resume: str) -> Path | None:
-        """Which tag directory to load for the spec's ``checkpoint.resume`` ('auto' | 'never' | path).
+        """Which verified tag directory to load for ``checkpoint.resume`` ('auto' | 'never' | path).
 
-        Returns None for a fresh start.
+        Returns None for a fresh start. Collective when a process group exists: rank 0 verifies
+        and decides, every rank gets its answer (or its error).
         """
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = ("ok", self._choose(resume))
+            except CheckpointError as error:
+                answer = ("error", str(error))
+        kind, value = _from_rank0(answer)
+        if kind == "error":
+            raise CheckpointError(value)
+        return None if value is None else Path(value)
+
+    def _choose(self, resume: str) -> Path | None:
         if resume == "never":
             existing = self.newest_complete()
             if existing is not None:
@@ -307,25 +397,55 @@ class CheckpointManager:
                     "set checkpoint.resume to 'auto' to continue it, or choose a new output directory"
                 )
             return None
-        if resume == "auto":
-            latest = self._read_latest()
-            if latest is not None and is_complete(self.ckpt_dir / latest):
-                return self.ckpt_dir / latest
-            newest = self.newest_complete()
-            if newest is not None and self.rank == 0:
-                why = (
-                    "is missing"
-                    if latest is None
-                    else f"names {latest!r}, which is not a complete checkpoint"
-                )
-                log.warning(
-                    "%s %s; resuming from the newest complete checkpoint %s",
-                    self.ckpt_dir / LATEST,
-                    why,
-                    newest.name,
-                )
-            return newest
-        path = Path(resume)
+        if resume != "auto":
+            return self._explicit(Path(resume))
+        tag_dir, failed = self.newest_verified()
+        if tag_dir is not None:
+            self._fall_back(tag_dir, failed)
+        return tag_dir
+
+    def newest_verified(self) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+        """The checkpoint to continue from: the one ``latest`` names, else (or when it does not
+        verify) the newest complete one that verifies; and those that failed, with their problems.
+
+        Changes nothing. ``(None, [])`` when the folder holds no complete checkpoint; one
+        CheckpointError listing every problem when none of them verifies.
+        """
+        latest = self._read_latest()
+        candidates = [p for _, p in reversed(list_tags(self.ckpt_dir)) if is_complete(p)]
+        if latest is not None and is_complete(self.ckpt_dir / latest):
+            candidates.remove(self.ckpt_dir / latest)
+            candidates.insert(0, self.ckpt_dir / latest)
+        elif candidates:
+            why = "is missing" if latest is None else f"names {latest!r}, which is not a complete checkpoint"
+            log.warning("%s %s; trying the newest complete checkpoint %s", self.ckpt_dir / LATEST, why, candidates[0].name)
+        failed = []
+        for tag_dir in candidates:
+            found = checkpoint_verify.problems(tag_dir)
+            if not found:
+                return tag_dir, failed
+            log.error("checkpoint %s does not verify: %s", tag_dir, "; ".join(found))
+            failed.append((tag_dir, found))
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt_dir} verifies: "
+                + " | ".join(f"{p.name}: {'; '.join(f)}" for p, f in failed)
+                + ". Nothing was changed; to start over, give the run a new run.output_dir (or move this "
+                "folder away)"
+            )
+        return None, []
+
+    def _fall_back(self, tag_dir: Path, failed: list) -> None:
+        """Resume from ``tag_dir`` after ``failed`` did not verify: set them aside, point ``latest`` back."""
+        for path, _ in failed:
+            aside = checkpoint_verify.set_aside(path)
+            log.warning("set the damaged checkpoint %s aside as %s (delete it when you have looked at it)", path, aside)
+        if self._read_latest() != tag_dir.name:
+            atomic_write_text(self.ckpt_dir / LATEST, tag_dir.name)
+            log.warning("%s now names %s, the newest checkpoint that verifies", self.ckpt_dir / LATEST, tag_dir.name)
+
+    @staticmethod
+    def _explicit(path: Path) -> Path:
         if not path.is_dir():
             raise CheckpointError(
                 f"checkpoint.resume: {path} is not a directory; give a checkpoint tag directory "
@@ -336,6 +456,7 @@ class CheckpointManager:
                 f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE} file); "
                 "give a tag directory that holds one, or 'auto'"
             )
+        checkpoint_verify.verify(path)
         return path
 
     # -- load
@@ -343,12 +464,10 @@ class CheckpointManager:
     def load(self, engine, tag_dir: str | Path) -> tuple[dict, dict]:
         """Restore module, optimizer and lr scheduler into ``engine``; return (client_state, rank_state).
 
-        Collective. Under ZeRO-3 the engine must be fresh (DeepSpeed cannot load into a module it
-        has already partitioned and trained).
+        Collective. ``tag_dir`` comes from :meth:`resolve_resume` (verified). Under ZeRO-3 the engine
+        must be fresh (DeepSpeed cannot load into a module it has already partitioned and trained).
         """
         tag_dir = Path(tag_dir)
-        if not is_complete(tag_dir):
-            raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE} file)")
         saved_ws = read_complete(tag_dir)["world_size"]
         if saved_ws != self.world_size:
             raise CheckpointError(
@@ -356,21 +475,17 @@ class CheckpointManager:
                 "resuming at a new world size needs a universal checkpoint (mlkd_scale.engine.reshard, "
                 f"which the general-distillation trainer uses), or run with {saved_ws} ranks"
             )
-        rank_file = tag_dir / RANK_STATE_DIR / f"rank{self.rank:05d}.pt"
-        if not rank_file.is_file():
-            raise CheckpointError(f"{rank_file} is missing; the checkpoint {tag_dir} is damaged")
-
-        load_path, client_state = engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        install_checkpoint_engine(engine)
+        with plain_data_only():
+            load_path, client_state = engine.load_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
         # DeepSpeed hands back its own leftovers too (ds_config, param_shapes, for ZeRO-0 even the
         # whole optimizer state): return exactly what the caller saved.
         client_state = strip_deepspeed_keys(client_state)
-        # Our own file; it holds numpy RNG state and data-loader state, hence weights_only=False.
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        return client_state, rank_state
+        return client_state, load_plain(tag_dir / rank_state_name(self.rank))
 
     # -- export metadata
 

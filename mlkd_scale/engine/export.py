@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,35 +36,47 @@ from mlkd_scale.engine.checkpoint import (
     HF_META,
     LATEST,
     CheckpointError,
+    CheckpointManager,
     is_complete,
+    list_tags,
     read_complete,
 )
+from mlkd_scale.engine.checkpoint_verify import verify
+from mlkd_scale.engine.safe_load import load_plain, plain_data_only
 
 EXPORT_MARKER = "mlkd_export.json"
 STUDENT_PREFIX = "student."
 
 
 def resolve_tag_dir(checkpoint: str | Path) -> Path:
-    """A tag directory as given, or the one a checkpoint directory's ``latest`` names; it must be complete."""
+    """A tag directory as given, or the newest checkpoint of a checkpoint directory that verifies
+    (``latest`` first); a given tag directory must verify. Changes nothing on disk."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise CheckpointError(
             f"{path} is not a directory; give a checkpoint directory or one of its step* tag directories"
         )
-    if not is_complete(path):
-        latest = path / LATEST
-        if not latest.is_file():
-            raise CheckpointError(
-                f"{path} is not a checkpoint: it has neither a {COMPLETE} file (tag directory) "
-                f"nor a {LATEST} file (checkpoint directory)"
-            )
-        path = path / latest.read_text().strip()
-        if not is_complete(path):
-            raise CheckpointError(
-                f"{latest} names {path.name}, which is not a complete checkpoint; "
-                "export one of the complete step* directories instead"
-            )
-    return path
+    if is_complete(path):
+        verify(path)
+        return path
+    if not (path / LATEST).is_file() and not list_tags(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it has neither a {COMPLETE} file (tag directory) "
+            f"nor {LATEST} or step* checkpoints (checkpoint directory)"
+        )
+    checkpoints = CheckpointManager(path, keep_last=1, rank=0, world_size=1)
+    tag_dir, failed = checkpoints.newest_verified()
+    if tag_dir is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint; export one of its step* directories")
+    for damaged, found in failed:
+        print(f"warning: skipped {damaged.name}, it does not verify: {'; '.join(found)}", file=sys.stderr)
+    if checkpoints.latest_name() != tag_dir.name:
+        print(
+            f"warning: {path / LATEST} names {checkpoints.latest_name()}, not a checkpoint that verifies; "
+            f"exporting {tag_dir.name}",
+            file=sys.stderr,
+        )
+    return tag_dir
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,13 +89,14 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{tag_dir} holds no DeepSpeed model states file; the checkpoint is damaged"
             )
-        states = torch.load(model_file, map_location="cpu", weights_only=False, mmap=True)
+        states = load_plain(model_file, mmap=True)
         zero = states.get("param_shapes") is not None  # DeepSpeed records them only under ZeRO 1-3
         if not zero:
             return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with plain_data_only():
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
 def _build_student(hf_meta: Path) -> torch.nn.Module:

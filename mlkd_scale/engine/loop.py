@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
+from mlkd_scale.engine.safe_load import install_checkpoint_engine
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec
@@ -48,6 +49,7 @@ def build_engine(module: nn.Module, train: TrainSpec, plan: Plan, lr: float | No
         # step on CPU).
         engine.enable_backward_allreduce = False
     ensure_nonfinite_skipping(engine)
+    install_checkpoint_engine(engine)  # checkpoints load without running code, shards are fsynced
     return engine, scheduler
 
 

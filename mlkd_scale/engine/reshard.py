@@ -48,7 +48,6 @@ from mlkd_scale.data.pretokenized import PretokenizedStream
 from mlkd_scale.data.sources import DataError
 from mlkd_scale.data.stream_shards import ShardedStream, check_world_size, owned_shards, regroup, shard_states
 from mlkd_scale.engine.checkpoint import (
-    RANK_STATE_DIR,
     CheckpointError,
     CheckpointManager,
     _fsync_dir,
@@ -56,6 +55,8 @@ from mlkd_scale.engine.checkpoint import (
     read_complete,
     strip_deepspeed_keys,
 )
+from mlkd_scale.engine.checkpoint_verify import rank_state_name
+from mlkd_scale.engine.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import RunSpec
 
@@ -64,16 +65,9 @@ log = logging.getLogger(__name__)
 UNIVERSAL = "universal"  # <tag>/universal: the universal form of checkpoint <tag>
 
 
-def rank_file(tag_dir: Path, rank: int) -> Path:
-    return Path(tag_dir) / RANK_STATE_DIR / f"rank{rank:05d}.pt"
-
-
 def read_rank_state(tag_dir: Path, rank: int) -> dict:
-    path = rank_file(tag_dir, rank)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint {tag_dir} is damaged")
-    # Our own file (numpy RNG state, data-loader state), hence weights_only=False.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Rank ``rank``'s state file of checkpoint ``tag_dir`` (plain data only; verified by resume)."""
+    return load_plain(Path(tag_dir) / rank_state_name(rank))
 
 
 def derived_seed(seed: int, rank: int, step: int) -> int:
@@ -135,7 +129,7 @@ def convert_to_universal(tag_dir: Path, target: Path) -> None:
             inject_missing_state=True,  # DeepSpeed records universal info only for AutoTP/AutoEP models
         )
         printed = io.StringIO()
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed), plain_data_only():
             ds_to_universal.main(args)
         log.debug("ds_to_universal: %s", printed.getvalue())
         os.rename(out, target)
@@ -198,9 +192,11 @@ class Resume:
             return ckpt.load(engine, self.tag_dir)
         weight_decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]
         source = (self.tag_dir, UNIVERSAL) if self.universal else (self.tag_dir.parent, self.tag_dir.name)
-        load_path, client = engine.load_checkpoint(
-            str(source[0]), tag=source[1], load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        install_checkpoint_engine(engine)
+        with plain_data_only():
+            load_path, client = engine.load_checkpoint(
+                str(source[0]), tag=source[1], load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {Path(*source)}")
         if self.universal:

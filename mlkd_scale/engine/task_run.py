@@ -14,6 +14,7 @@ from mlkd_scale.data.sources import DataError
 from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.data.task_data import load_task_data
 from mlkd_scale.engine.checkpoint import atomic_write_text
+from mlkd_scale.engine.checkpoint_verify import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
@@ -35,6 +36,7 @@ def make_context(
             "run it with launchers/general_kd.py, or add a task section"
         )
     info = dist or init_distributed(spec.faults.collective_timeout_s)
+    claim_folder(Path(spec.run.output_dir), spec.run.name, "run.output_dir")
     plan = resolve_plan(spec, info.world_size)
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)

@@ -51,6 +51,7 @@ from mlkd_scale.engine.loop import (
     optimizer_scalars,
     optimizer_step,
 )
+from mlkd_scale.engine.safe_load import load_plain
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import RunSpec, StageBudget, spec_hash
@@ -132,7 +133,7 @@ def full_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     state = consolidated_state_dict(tag_dir)
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     if model_file.is_file():
-        module = torch.load(model_file, map_location="cpu", weights_only=False, mmap=True).get("module") or {}
+        module = load_plain(model_file, mmap=True).get("module") or {}
         for key, value in module.items():
             if key not in state and isinstance(value, torch.Tensor) and value.numel():
                 state[key] = value.float() if value.is_floating_point() else value
@@ -155,7 +156,8 @@ class TaskStage:
             len(setup.train), self.plan.micro_batch_size, info.rank, info.world_size, spec.run.seed, setup.stream
         )
         self.checkpoints = CheckpointManager(
-            ctx.checkpoint_dir(self.name), spec.checkpoint.keep_last, info.rank, info.world_size
+            ctx.checkpoint_dir(self.name), spec.checkpoint.keep_last, info.rank, info.world_size,
+            owner=f"{spec.run.name}/{self.name}",
         )
         self.checkpoints.save_hf_meta(hf_model, ctx.tokenizer)
         self.guard = RunGuard(spec.faults, info, self.checkpoints.latest_name)  # preemption, non-finite steps

@@ -24,6 +24,7 @@ from transformers import logging as hf_logging
 
 from mlkd_scale.data.mlm_masking import BatchMasker
 from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from mlkd_scale.engine.checkpoint_verify import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
@@ -103,6 +104,7 @@ class Trainer:
         self.dist = dist or init_distributed(spec.faults.collective_timeout_s)
         self.plan = resolve_plan(spec, self.dist.world_size)
         self.output_dir = Path(spec.run.output_dir)
+        claim_folder(self.output_dir, spec.run.name, "run.output_dir")
         hf_logging.set_verbosity_error()
         deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # same initial student on every rank
 
@@ -120,6 +122,7 @@ class Trainer:
             spec.checkpoint.keep_last,
             self.dist.rank,
             self.dist.world_size,
+            owner=spec.run.name,
         )
         # Before the engine: resuming at a new world size builds it for a universal checkpoint.
         self.resume_from = prepare_resume(self.checkpoints, spec, self.plan.zero_stage)
