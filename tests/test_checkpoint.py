@@ -17,10 +17,9 @@ import ckpt_helpers as h
 from mlkd_scale.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    capture_rng_state,
     read_complete,
-    restore_rng_state,
 )
+from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ Layout under ``ckpt_dir`` (one directory per run)::
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's own shards (+ client_state)
         rank_state/rank00000.pt one file per rank: data position, RNG (they differ per rank)
         COMPLETE                JSON {step, world_size, time, tag, files}: the commit marker and
-                                the manifest (every file's size and CRC-32, checkpoint_verify.py)
+                                the manifest (every file's size and CRC-32, checkpoint_files.py)
     mlkd_run.json               the run this folder belongs to (another run refuses to write here)
 
 Why not DeepSpeed's ``latest``: rank 0 writes it as soon as *its own* shards are on disk, before
@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -43,13 +42,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from mlkd_scale.engine import checkpoint_verify
-from mlkd_scale.engine.checkpoint_verify import COMPLETE, TAG_RE, claim_folder, rank_state_name
+from mlkd_scale.engine import checkpoint_files
+from mlkd_scale.engine.checkpoint_files import (
+    COMPLETE,
+    DEEPSPEED_KEYS,
+    TAG_RE,
+    claim_folder,
+    fsync_dir,
+    is_complete,
+    list_tags,
+    rank_state_name,
+    read_complete,
+    strip_deepspeed_keys,
+    tag_for,
+)
+from mlkd_scale.engine.distributed import barrier, from_rank0, gather_to_all
 from mlkd_scale.engine.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.errors import CheckpointError
 
@@ -58,78 +68,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 BEST = "best.json"  # {"tag", "step", ...}: the checkpoint pinned against keep_last pruning (task runs)
 HF_META = "hf_meta"
-# DeepSpeed merges client_state into its own top-level dict, so these names would overwrite its
-# entries (the weights, the optimizer, ...) without a word; on load they are filtered back out.
-_DEEPSPEED_KEYS = frozenset(
-    [
-        "module",
-        "buffer_names",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "lr_scheduler",
-        "data_sampler",
-        "random_ltd",
-        "skipped_steps",
-        "global_steps",
-        "global_samples",
-        "dp_world_size",
-        "mp_world_size",
-        "ds_config",
-        "ds_version",
-        "checkpoint_parallel_dimensions",
-    ]
-)
-
-
-def strip_deepspeed_keys(client_state: dict) -> dict:
-    """What the caller saved as client_state, without the entries DeepSpeed hands back with it."""
-    return {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
-
-
-# ----------------------------------------------------------------------------- small file helpers
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def is_complete(tag_dir: Path) -> bool:
-    return (Path(tag_dir) / COMPLETE).is_file()
-
-
-def read_complete(tag_dir: Path) -> dict:
-    """The COMPLETE marker's JSON (step, world_size, time, tag, files); CheckpointError if damaged."""
-    return checkpoint_verify.read_marker(tag_dir)
-
-
-def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """All ``stepNNNNNNNN`` directories (complete or not), oldest step first."""
-    if not Path(ckpt_dir).is_dir():
-        return []
-    found = []
-    for child in Path(ckpt_dir).iterdir():
-        m = TAG_RE.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
+# ----------------------------------------------------------------------------- atomic writes
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` so that a reader sees either the old file or the whole new one, never a part.
@@ -148,81 +87,14 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-# ----------------------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict:
-    """Every RNG a training step may draw from (dropout, shuffling, augmentation), for rank_state.
-
-    Plain values and tensors only, so that rank_state loads with ``weights_only=True`` (numpy's
-    state array becomes an int64 tensor). Only the current CUDA device is captured: each rank owns
-    one device, and touching the others would create a CUDA context on every GPU from every rank.
-    """
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["bit_generator"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-
-
 # ----------------------------------------------------------------------------- the manager
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _gather_to_all(value):
-    """Every rank's ``value`` as a list in rank order (``[value]`` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def _from_rank0(value):
-    """Rank 0's ``value`` on every rank (also a barrier)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class CheckpointManager:
@@ -230,7 +102,7 @@ class CheckpointManager:
     method (except :meth:`save_hf_meta`, which is rank 0's job but harmless elsewhere).
 
     ``owner`` names the run (and stage) the folder belongs to; a folder recorded for another owner
-    is refused (:func:`~mlkd_scale.engine.checkpoint_verify.claim_folder`).
+    is refused (:func:`~mlkd_scale.engine.checkpoint_files.claim_folder`).
     """
 
     def __init__(self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int, owner: str | None = None):
@@ -252,7 +124,7 @@ class CheckpointManager:
         Collective: every rank must call it with the same ``step``. Returns the tag directory.
         """
         install_checkpoint_engine(engine)  # refuses an asynchronous engine: its COMPLETE would prove nothing
-        clashes = sorted(_DEEPSPEED_KEYS.intersection(client_state))
+        clashes = sorted(DEEPSPEED_KEYS.intersection(client_state))
         if clashes:
             raise ValueError(
                 f"client_state keys {clashes} are DeepSpeed's own checkpoint entries; rename them"
@@ -268,7 +140,7 @@ class CheckpointManager:
         # barrier is unconditional so that ranks cannot disagree on whether to wait.
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)
-        _barrier()
+        barrier()
 
         engine.checkpoint_engine.take_written()  # forget anything saved outside a checkpoint
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -276,10 +148,10 @@ class CheckpointManager:
         atomic_write(rank_file, lambda f: torch.save(rank_state, f))
         written = engine.checkpoint_engine.take_written() + [str(rank_file)]
         for folder in {Path(p).parent for p in written}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         # every rank's shards and rank_state are on disk (fsynced) past this gather
         manifest = {}
-        for files in _gather_to_all(checkpoint_verify.describe(written, tag_dir)):
+        for files in gather_to_all(checkpoint_files.describe(written, tag_dir)):
             manifest.update(files)
 
         error = None
@@ -287,7 +159,7 @@ class CheckpointManager:
             marker = {"step": step, "world_size": self.world_size, "time": time.time(), "tag": tag,
                       "files": dict(sorted(manifest.items()))}
             atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1) + "\n")
-            found = checkpoint_verify.problems(tag_dir)
+            found = checkpoint_files.problems(tag_dir)
             if found:
                 error = (f"checkpoint {tag_dir} did not verify right after it was written ({'; '.join(found)}); "
                          f"{self.ckpt_dir / LATEST} still names {self.latest_name()} and nothing was pruned. "
@@ -295,7 +167,7 @@ class CheckpointManager:
             else:
                 atomic_write_text(self.ckpt_dir / LATEST, tag)
                 self._prune(keep=tag_dir)
-        error = _from_rank0(error)  # nobody races ahead (and e.g. exits) while rank 0 is still committing
+        error = from_rank0(error)  # nobody races ahead (and e.g. exits) while rank 0 is still committing
         if error is not None:
             raise CheckpointError(error)
         return tag_dir
@@ -328,7 +200,7 @@ class CheckpointManager:
             if not is_complete(self.ckpt_dir / tag):
                 raise CheckpointError(f"cannot pin {self.ckpt_dir / tag} as the best: it is not a complete checkpoint")
             atomic_write_text(self.ckpt_dir / BEST, json.dumps({"tag": tag, "step": step, **(info or {})}) + "\n")
-        _barrier()
+        barrier()
 
     def read_best(self) -> dict | None:
         """The pinned best checkpoint's record (``tag``, ``step``, what mark_best was given), or None
@@ -383,7 +255,7 @@ class CheckpointManager:
                 answer = ("ok", self._choose(resume))
             except CheckpointError as error:
                 answer = ("error", str(error))
-        kind, value = _from_rank0(answer)
+        kind, value = from_rank0(answer)
         if kind == "error":
             raise CheckpointError(value)
         return None if value is None else Path(value)
@@ -421,7 +293,7 @@ class CheckpointManager:
             log.warning("%s %s; trying the newest complete checkpoint %s", self.ckpt_dir / LATEST, why, candidates[0].name)
         failed = []
         for tag_dir in candidates:
-            found = checkpoint_verify.problems(tag_dir)
+            found = checkpoint_files.problems(tag_dir)
             if not found:
                 return tag_dir, failed
             log.error("checkpoint %s does not verify: %s", tag_dir, "; ".join(found))
@@ -438,7 +310,7 @@ class CheckpointManager:
     def _fall_back(self, tag_dir: Path, failed: list) -> None:
         """Resume from ``tag_dir`` after ``failed`` did not verify: set them aside, point ``latest`` back."""
         for path, _ in failed:
-            aside = checkpoint_verify.set_aside(path)
+            aside = checkpoint_files.set_aside(path)
             log.warning("set the damaged checkpoint %s aside as %s (delete it when you have looked at it)", path, aside)
         if self._read_latest() != tag_dir.name:
             atomic_write_text(self.ckpt_dir / LATEST, tag_dir.name)
@@ -456,7 +328,7 @@ class CheckpointManager:
                 f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE} file); "
                 "give a tag directory that holds one, or 'auto'"
             )
-        checkpoint_verify.verify(path)
+        checkpoint_files.verify(path)
         return path
 
     # -- load
@@ -512,5 +384,5 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.ckpt_dir)
+        fsync_dir(self.ckpt_dir)
         return target

@@ -83,3 +83,27 @@ def _unlink_shm_buffer() -> None:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:  # no shm op (e.g. ranks on several hosts): nothing was created
         pass
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a process group exists (one process: nothing to wait for)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def gather_to_all(value):
+    """Every rank's ``value`` (picklable) as a list in rank order; ``[value]`` without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def from_rank0(value):
+    """Rank 0's ``value`` (picklable) on every rank; also a barrier. ``value`` without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -41,7 +41,7 @@ from mlkd_scale.engine.checkpoint import (
     list_tags,
     read_complete,
 )
-from mlkd_scale.engine.checkpoint_verify import verify
+from mlkd_scale.engine.checkpoint_files import verify
 from mlkd_scale.engine.safe_load import load_plain, plain_data_only
 
 EXPORT_MARKER = "mlkd_export.json"
@@ -101,11 +101,28 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def _build_student(hf_meta: Path) -> torch.nn.Module:
     """The student class named in the saved config (its head matters), else the bare AutoModel."""
-    config = AutoConfig.from_pretrained(hf_meta)
+    try:
+        config = AutoConfig.from_pretrained(hf_meta)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # damaged JSON, unknown model type, ...
+        raise CheckpointError(
+            f"{hf_meta / 'config.json'} cannot be read as a model config ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); the run writes it once beside its checkpoints: restore it "
+            "from a copy, or write the student's config.json there"
+        ) from None
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     model = cls(config) if cls is not None else AutoModel.from_config(config)
     return model.float()
+
+
+def _read_tokenizer(hf_meta: Path):
+    try:
+        return AutoTokenizer.from_pretrained(hf_meta)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"the tokenizer files in {hf_meta} cannot be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); restore them from the teacher's tokenizer"
+        ) from None
 
 
 def _load_student_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], tag_dir: Path) -> None:
@@ -163,7 +180,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     try:
         model.save_pretrained(tmp)
         if (hf_meta / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(hf_meta).save_pretrained(tmp)
+            _read_tokenizer(hf_meta).save_pretrained(tmp)
         info = {
             "checkpoint": str(tag_dir.absolute()),
             "step": read_complete(tag_dir)["step"],

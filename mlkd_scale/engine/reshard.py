@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.utils import set_random_seed
 
 from mlkd_scale.data.pretokenized import PretokenizedStream
@@ -50,12 +49,12 @@ from mlkd_scale.data.stream_shards import ShardedStream, check_world_size, owned
 from mlkd_scale.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    _fsync_dir,
-    capture_rng_state,
     read_complete,
     strip_deepspeed_keys,
 )
-from mlkd_scale.engine.checkpoint_verify import rank_state_name
+from mlkd_scale.engine.checkpoint_files import fsync_dir, rank_state_name
+from mlkd_scale.engine.distributed import from_rank0
+from mlkd_scale.engine.rng_state import capture_rng_state
 from mlkd_scale.engine.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import RunSpec
@@ -80,15 +79,6 @@ def has_zero_shards(tag_dir: Path) -> bool:
     return any(Path(tag_dir).glob("*optim_states.pt"))
 
 
-def _broadcast_error(error: str | None) -> str | None:
-    """Rank 0's error message (or None) on every rank; also a barrier."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return error
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def ensure_universal(tag_dir: Path, rank: int) -> Path:
     """``<tag>/universal``, converted by rank 0 if it is not there yet. Collective."""
     target = Path(tag_dir) / UNIVERSAL
@@ -99,7 +89,7 @@ def ensure_universal(tag_dir: Path, rank: int) -> Path:
         except Exception as exc:  # every rank must hear of it, not hang at the next collective
             log.exception("universal conversion of %s failed", tag_dir)
             error = f"converting {tag_dir} to a universal checkpoint failed ({type(exc).__name__}: {exc})"
-    error = _broadcast_error(error)
+    error = from_rank0(error)
     if error is not None:
         raise CheckpointError(
             error + "; resume with the world size the checkpoint was saved at, or start a new run"
@@ -135,7 +125,7 @@ def convert_to_universal(tag_dir: Path, target: Path) -> None:
         os.rename(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(tag_dir)
+    fsync_dir(tag_dir)
 
 
 def repair_zero3_universal_load(optimizer, weight_decay: list) -> None:

@@ -14,7 +14,7 @@ from mlkd_scale.data.sources import DataError
 from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.data.task_data import load_task_data
 from mlkd_scale.engine.checkpoint import atomic_write_text
-from mlkd_scale.engine.checkpoint_verify import claim_folder
+from mlkd_scale.engine.checkpoint_files import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint

@@ -36,8 +36,6 @@ from mlkd_scale.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
     atomic_write_text,
-    capture_rng_state,
-    restore_rng_state,
     tag_for,
 )
 from mlkd_scale.engine.distributed import DistInfo
@@ -51,6 +49,7 @@ from mlkd_scale.engine.loop import (
     optimizer_scalars,
     optimizer_step,
 )
+from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
 from mlkd_scale.engine.safe_load import load_plain
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.plan import Plan

@@ -23,14 +23,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from transformers import logging as hf_logging
 
 from mlkd_scale.data.mlm_masking import BatchMasker
-from mlkd_scale.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from mlkd_scale.engine.checkpoint_verify import claim_folder
+from mlkd_scale.engine.checkpoint import CheckpointManager
+from mlkd_scale.engine.checkpoint_files import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.reshard import prepare_resume
+from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective

@@ -1,4 +1,4 @@
-"""What makes a checkpoint trustworthy: its manifest, the check against it, and who owns a folder.
+"""The files of a checkpoint: their names, the manifest and the check against it, who owns a folder.
 
 **The manifest.** ``COMPLETE`` (the commit marker, JSON) lists every file the ranks wrote for the
 checkpoint — DeepSpeed's shards and each rank's rank_state file — with its size in bytes and its
@@ -36,6 +36,71 @@ def rank_state_name(rank: int) -> str:
     return f"{RANK_STATE_DIR}/rank{rank:05d}.pt"
 
 
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (Path(tag_dir) / COMPLETE).is_file()
+
+
+def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """All ``stepNNNNNNNN`` directories (complete or not), oldest step first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = []
+    for child in Path(ckpt_dir).iterdir():
+        m = TAG_RE.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# DeepSpeed merges client_state into its own top-level dict, so these names would overwrite its
+# entries (the weights, the optimizer, ...) without a word; on load they are filtered back out.
+DEEPSPEED_KEYS = frozenset(
+    [
+        "module",
+        "buffer_names",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "shared_params",
+        "frozen_param_fragments",
+        "lr_scheduler",
+        "data_sampler",
+        "random_ltd",
+        "skipped_steps",
+        "global_steps",
+        "global_samples",
+        "dp_world_size",
+        "mp_world_size",
+        "ds_config",
+        "ds_version",
+        "checkpoint_parallel_dimensions",
+    ]
+)
+
+
+def strip_deepspeed_keys(client_state: dict) -> dict:
+    """What the caller saved as client_state, without the entries DeepSpeed hands back with it."""
+    return {k: v for k, v in client_state.items() if k not in DEEPSPEED_KEYS}
+
+
 def describe(paths: list[str | Path], tag_dir: Path) -> dict[str, dict]:
     """``{path relative to tag_dir: {"size", "crc32"}}`` of files this rank wrote into ``tag_dir``."""
     tag_dir = Path(tag_dir).resolve()
@@ -48,8 +113,9 @@ def describe(paths: list[str | Path], tag_dir: Path) -> dict[str, dict]:
     return entries
 
 
-def read_marker(tag_dir: Path) -> dict:
-    """The ``COMPLETE`` marker of ``tag_dir`` as a dict; CheckpointError when it is missing or not valid JSON."""
+def read_complete(tag_dir: Path) -> dict:
+    """The ``COMPLETE`` marker of ``tag_dir`` (step, world_size, time, tag, files); CheckpointError when
+    it is missing or damaged."""
     path = Path(tag_dir) / COMPLETE
     try:
         marker = json.loads(path.read_text())
@@ -68,7 +134,7 @@ def problems(tag_dir: Path) -> list[str]:
     """What is wrong with checkpoint ``tag_dir`` (empty: it verifies), each naming the file."""
     tag_dir = Path(tag_dir)
     try:
-        marker = read_marker(tag_dir)
+        marker = read_complete(tag_dir)
     except CheckpointError as error:
         return [str(error)]
     files = marker.get("files")
