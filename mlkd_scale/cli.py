@@ -30,19 +30,20 @@ def _world_size(world_size: int | None) -> int:
     return world_size
 
 
-def validate(spec: str, world_size: int | None = None) -> None:
+def validate(spec: str, world_size: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> None:
     """Check SPEC (JSON/YAML) and print the resolved plan; exit 2 with every problem if it is invalid.
 
     Args:
         spec: Path of the run spec.
         world_size: Ranks the run will use (default: $WORLD_SIZE or 1); the global batch depends on it.
+        overrides: ``--set FIELD=VALUE`` edits of the spec (repeatable), checked like the file.
     """
     from mlkd_scale.plan import resolve_plan
     from mlkd_scale.spec import SpecError, load_spec, spec_hash
 
     world_size = _world_size(world_size)
     try:
-        run_spec = load_spec(str(spec), world_size=world_size)
+        run_spec = load_spec(str(spec), world_size=world_size, overrides=_as_list(overrides))
         plan = resolve_plan(run_spec, world_size)
     except SpecError as exc:
         _fail(
@@ -55,11 +56,35 @@ def validate(spec: str, world_size: int | None = None) -> None:
     print(plan.summary())
 
 
-def schema() -> None:
-    """Print the JSON Schema of a run spec (for editors and documentation)."""
-    from mlkd_scale.spec import RunSpec
+def _as_list(overrides) -> list[str]:
+    if isinstance(overrides, str):
+        return [overrides]
+    if not all(isinstance(o, str) for o in overrides):
+        _fail(f"--set: give FIELD=VALUE, got {overrides!r}")
+    return list(overrides)
 
-    print(json.dumps(RunSpec.model_json_schema(), indent=2))
+
+def _gather_sets(argv: list[str]) -> list[str]:
+    """``--set A --set B`` (or ``--set=A``) in ``argv`` as one ``--overrides=[A, B]`` that fire reads as a list."""
+    rest, sets, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--set" and i + 1 < len(argv):
+            sets.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--set="):
+            sets.append(argv[i][len("--set="):])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest + ([f"--overrides={json.dumps(sets)}"] if sets else [])
+
+
+def schema() -> None:
+    """Print the JSON Schema of a run spec (shipped as mlkd_scale/spec/run_spec.schema.json)."""
+    from mlkd_scale.spec.overrides import schema_text
+
+    print(schema_text(), end="")
 
 
 def export(checkpoint: str, out: str) -> None:
@@ -142,7 +167,7 @@ def main() -> None:
 
     # fire shows help through a pager when stdout is a terminal; a CLI should just print.
     os.environ.setdefault("PAGER", "cat")
-    fire.Fire(COMMANDS, name="mlkd-scale")
+    fire.Fire(COMMANDS, command=_gather_sets(sys.argv[1:]), name="mlkd-scale")
 
 
 if __name__ == "__main__":

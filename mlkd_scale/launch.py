@@ -23,10 +23,14 @@ def launch(run: Callable[..., object], description: str, stop_help: str) -> int:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--spec", required=True, help="run spec (.json or .yaml)")
     parser.add_argument("--stop_after_steps", type=int, default=None, help=stop_help)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+        help="change one spec field, e.g. --set train.lr=3e-4 (repeatable; VALUE parsed as JSON where it parses)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     args = parser.parse_args()
     try:
-        spec: RunSpec = load_spec(args.spec)
+        spec: RunSpec = load_spec(args.spec, overrides=args.overrides)
         run(spec, stop_after_steps=args.stop_after_steps)
     except (SpecError, DataError, CheckpointError) as error:
         print(f"error in the run of {args.spec}:\n{error}", file=sys.stderr)

@@ -16,6 +16,7 @@ folder cannot prune each other's checkpoints (:func:`claim_folder`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from mlkd_scale.engine.safe_load import file_checksum
 from mlkd_scale.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 RANK_STATE_DIR = "rank_state"
@@ -128,6 +131,22 @@ def read_complete(tag_dir: Path) -> dict:
     ):
         raise CheckpointError(f"{path} is damaged: it does not hold the step and the world size")
     return marker
+
+
+def read_json_record(path: Path) -> dict | None:
+    """A JSON object the run wrote for itself (a stage's result, a metrics cache), or None when it is
+    missing or damaged (then it is computed again; a warning says so)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        log.warning("%s is damaged (%s); computing it again", path, error)
+        return None
+    if not isinstance(value, dict):
+        log.warning("%s is damaged (not a JSON object); computing it again", path)
+        return None
+    return value
 
 
 def problems(tag_dir: Path) -> list[str]:

@@ -14,7 +14,7 @@ from mlkd_scale.data.sources import DataError
 from mlkd_scale.data.squad_task import is_squad_task
 from mlkd_scale.data.task_data import load_task_data
 from mlkd_scale.engine.checkpoint import atomic_write_text
-from mlkd_scale.engine.checkpoint_files import claim_folder
+from mlkd_scale.engine.checkpoint_files import claim_folder, read_json_record
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
@@ -96,10 +96,9 @@ def export_best(ctx: TaskContext, result: dict, out_name: str, extra: dict | Non
 def cached_dev_metrics(ctx: TaskContext, key: dict, predict: PredictFn, cache_name: str) -> dict:
     """Dev metrics of a fixed model (e.g. the teacher), computed once per run and cached by ``key``."""
     path = ctx.output_dir / cache_name
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["dev"]
+    cached = read_json_record(path)
+    if cached is not None and cached.get("key") == key and isinstance(cached.get("dev"), dict):
+        return cached["dev"]
     results = evaluate(predict, ctx.dev, ctx.task, ctx.spec.task.eval_batch_size, ctx.dist)
     if ctx.dist.is_main:
         atomic_write_text(path, json.dumps({"key": key, "dev": results}, indent=1) + "\n")

@@ -38,6 +38,7 @@ from mlkd_scale.engine.checkpoint import (
     atomic_write_text,
     tag_for,
 )
+from mlkd_scale.engine.checkpoint_files import read_json_record
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
@@ -109,8 +110,7 @@ class TaskContext:
         return dataclasses.replace(self.plan, total_steps=total, warmup_steps=math.ceil(budget.warmup_ratio * total))
 
     def read_result(self, name: str) -> dict | None:
-        path = self.stage_dir(name) / RESULT
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json_record(self.stage_dir(name) / RESULT)
 
     def print(self, *lines: str) -> None:
         if self.dist.is_main:

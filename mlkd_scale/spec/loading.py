@@ -12,6 +12,7 @@ from pydantic import (
 )
 
 from mlkd_scale.spec.errors import SpecError, _key_text, format_validation_error
+from mlkd_scale.spec.overrides import apply_overrides, drop_schema_key
 from mlkd_scale.spec.paths import _section_path_problems, check_paths
 from mlkd_scale.spec.run import RunSpec
 from mlkd_scale.spec.teacher_fit import local_teacher_problems
@@ -220,8 +221,11 @@ def read_mapping(path: str | Path, what: str = "spec") -> dict:
     return data
 
 
-def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
+def load_spec(path: str | Path, world_size: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
     """Read, validate and check a spec file; raise one :class:`SpecError` with every problem.
+
+    ``overrides`` are ``--set a.b.c=value`` edits (:mod:`~mlkd_scale.spec.overrides`), applied to the
+    file's contents before validation; a top-level ``$schema`` key is dropped.
 
     Gathers schema errors, files that must exist (:func:`check_paths`), a student that does not fit
     a local teacher's config (:func:`~mlkd_scale.spec.teacher_fit.local_teacher_problems`) and DeepSpeed-config
@@ -230,7 +234,7 @@ def load_spec(path: str | Path, world_size: int | None = None) -> RunSpec:
     """
     from mlkd_scale import plan as _plan  # plan imports this module
 
-    data = read_mapping(path)
+    data = apply_overrides(drop_schema_key(read_mapping(path), str(path)), overrides)
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
