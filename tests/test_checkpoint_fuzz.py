@@ -70,8 +70,9 @@ def _mutate(folder: Path, rng: random.Random, marker: Path) -> str:
         a, b = rng.sample(STEPS, 2)
         name = target.relative_to(target.parents[len(target.relative_to(folder).parts) - 2]).as_posix()
         pa, pb = folder / tag_for(a) / name, folder / tag_for(b) / name
-        tmp = pa.with_name("swap.tmp")
-        os.replace(pa, tmp), os.replace(pb, pa), os.replace(tmp, pb)
+        if pa.is_file() and pb.is_file():  # an earlier fault may have deleted one
+            tmp = pa.with_name("swap.tmp")
+            os.replace(pa, tmp), os.replace(pb, pa), os.replace(tmp, pb)
     elif kind == "complete":
         path = folder / tag_for(rng.choice(STEPS)) / "COMPLETE"
         path.write_text(rng.choice(["", "{", "[]", json.dumps({"step": "x"}), json.dumps({"step": 1, "world_size": 1})]))

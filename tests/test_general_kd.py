@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from mlkd_scale.engine.checkpoint import read_complete
 from mlkd_scale.engine.tb_logger import read_scalars, read_texts
+from mlkd_scale.spec import load_spec, spec_hash
 
 pytestmark = pytest.mark.launcher
 
@@ -78,6 +79,14 @@ def test_tensorboard_export_and_spec_text(tmp_path, assets):
         assert torch.isfinite(student(**ids).last_hidden_state).all()
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
     assert kept == ["step00000002", "step00000004"]
+
+    card = (out / "student" / "README.md").read_text()  # the model card
+    assert card.startswith("---\nlibrary_name: transformers\n") and f"`{teacher}`" in card
+    assert "2 layers, hidden 24, **3 attention heads**, FFN 48" in card and "optimizer step 4" in card
+    assert f"| spec hash | `{spec_hash(load_spec(spec))}` |" in card
+    assert "preset `mlkd`, stage 1: `emb` × 1, `mha` × 1, `ffn` × 1" in card
+    tokens = read_scalars(out / "tensorboard")["train/tokens_seen"][-1][1]
+    assert f"| tokens seen | {int(tokens)} |" in card
 
 
 def test_plain_python_single_process_bf16(tmp_path, assets):

@@ -10,8 +10,9 @@ ZeRO and partly in bf16. Users want only the student, in fp32, loadable with
    copy inside the optimizer state, unnamed);
 2. keep the ``student.`` keys, rebuild the model class named in ``<ckpt_dir>/hf_meta/config.json``
    and load them strictly;
-3. write ``save_pretrained`` (safetensors) + the tokenizer into a temp directory next to
-   ``out_dir`` and rename it into place, so a crash never leaves a half-written export.
+3. write ``save_pretrained`` (safetensors) + the tokenizer + the model card (``README.md``,
+   :mod:`~mlkd_scale.engine.model_card`) into a temp directory next to ``out_dir`` and rename it
+   into place, so a crash never leaves a half-written export.
 
 ``out_dir`` may be absent, empty, or a previous export (it holds ``mlkd_export.json``), which is
 replaced; any other non-empty directory is refused so that nothing of the user's is overwritten.
@@ -40,8 +41,10 @@ from mlkd_scale.engine.checkpoint import (
     is_complete,
     list_tags,
     read_complete,
+    strip_deepspeed_keys,
 )
 from mlkd_scale.engine.checkpoint_files import verify
+from mlkd_scale.engine.model_card import model_card
 from mlkd_scale.engine.safe_load import load_plain, plain_data_only
 
 EXPORT_MARKER = "mlkd_export.json"
@@ -97,6 +100,13 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     with plain_data_only():
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def client_state_of(tag_dir: Path) -> dict:
+    """What the training run saved with checkpoint ``tag_dir`` (step, spec, ...), without DeepSpeed's entries."""
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    path = tag_dir / name if (tag_dir / name).is_file() else tag_dir / "mp_rank_00_model_states.pt"
+    return strip_deepspeed_keys(load_plain(path, mmap=True))
 
 
 def _build_student(hf_meta: Path) -> torch.nn.Module:
@@ -160,8 +170,12 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the student of ``checkpoint`` (a checkpoint dir or a tag dir) as a HF directory ``out_dir``."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, results: dict | None = None) -> Path:
+    """Write the student of ``checkpoint`` (a checkpoint dir or a tag dir) as a HF directory ``out_dir``.
+
+    ``results`` (e.g. its dev metrics) go into the model card; without them the card shows the best
+    result the checkpoint recorded, if any.
+    """
     tag_dir = resolve_tag_dir(checkpoint)
     hf_meta = tag_dir.parent / HF_META
     if not (hf_meta / "config.json").is_file():
@@ -187,6 +201,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             "time": time.time(),
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(client_state_of(tag_dir), model, tag_dir.name, results))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,7 +78,7 @@ def export_best(ctx: TaskContext, result: dict, out_name: str, extra: dict | Non
         ctx.print(f"not exported (checkpoint.export_at_end is false); the best checkpoint is {best['checkpoint']}")
         return None
     if ctx.dist.is_main:
-        export_checkpoint(best["checkpoint"], out_dir)
+        export_checkpoint(best["checkpoint"], out_dir, results=best["metrics"])
         report = {
             "task": ctx.task.name,
             "main_metric": ctx.task.main_metric,
