@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+from mlkd_scale.data.heldout import is_heldout
 from mlkd_scale.data.packing import Packer, collate
 from mlkd_scale.data.pretokenized import PretokenizedStream
 from mlkd_scale.data.shuffle import Doc, ShuffleBuffer
@@ -31,7 +32,9 @@ STATE_VERSION = 1
 #: ``documents_skipped`` counts every record not trained on (empty, no tokens, malformed);
 #: ``documents_malformed`` the malformed ones among them (bad JSON or UTF-8, a text that is not a
 #: string, a missing text field; see :mod:`mlkd_scale.data.sources`).
-COUNTERS = ("documents_read", "documents_skipped", "documents_malformed", "documents_packed", "sequences")
+COUNTERS = (
+    "documents_read", "documents_skipped", "documents_malformed", "documents_heldout", "documents_packed", "sequences",
+)
 #: Malformed records logged (with file and line) per stream; the rest are only counted.
 MALFORMED_LOGGED = 10
 
@@ -86,6 +89,9 @@ class PackedStream:
                 if record.get("malformed"):
                     self._log_malformed(record["malformed"])
                 continue
+            if is_heldout(record["id"], self.seed, self.spec.heldout_fraction):
+                self.counters["documents_heldout"] += 1  # kept for evaluation, never trained on
+                continue
             self._epoch_docs += 1
             return record["id"], text
 
@@ -135,6 +141,7 @@ class PackedStream:
             "weights": [s.weight for s in self.spec.sources],
             "max_seq_length": self.spec.max_seq_length,
             "shuffle_buffer": self.spec.shuffle_buffer,
+            "heldout_fraction": self.spec.heldout_fraction,
             "seed": self.seed,
         }
 

@@ -23,11 +23,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from transformers import logging as hf_logging
 
 from mlkd_scale.data.mlm_masking import BatchMasker
-from mlkd_scale.engine.checkpoint import CheckpointManager
+from mlkd_scale.engine.checkpoint import CheckpointManager, tag_for
 from mlkd_scale.engine.checkpoint_files import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
+from mlkd_scale.engine.heldout_eval import HeldoutEval
 from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.reshard import prepare_resume
@@ -133,6 +134,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.loss_history: list[tuple[int, float]] = []  # (step, total) at each logging step
+        self.best: dict | None = None  # {"step", "value", "metric", "scalars"}: the best held-out evaluation
+        self.heldout = HeldoutEval(spec, self.tokenizer, self.dist.device) if spec.eval.every_n_steps else None
         self._resume()
         self.logger = TensorBoardLogger(
             spec.logging.tensorboard_dir or self.output_dir / "tensorboard",
@@ -155,6 +158,7 @@ class Trainer:
             "loss_history": self.loss_history,
             "spec": self.spec.model_dump(mode="json"),
             "spec_hash": spec_hash(self.spec),
+            "best": self.best,
         }
 
     def rank_state(self) -> dict:
@@ -169,6 +173,9 @@ class Trainer:
         self.step = client["step"]
         self.tokens_seen = client["tokens_seen"]
         self.loss_history = [tuple(x) for x in client.get("loss_history", [])]
+        self.best = client.get("best")
+        if self.best is not None:  # re-pin: a crash may have come between the save and the pin
+            self.checkpoints.mark_best(self.best["step"], {"value": self.best["value"]})
         self.stream.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
         if client.get("spec_hash") != spec_hash(self.spec) and self.dist.is_main:
@@ -237,7 +244,7 @@ class Trainer:
             finished = self.step >= plan.total_steps
             exported = None
             if finished and spec.checkpoint.export_at_end and self.dist.is_main:
-                exported = export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
+                exported = self._export()
             torch.distributed.barrier()
         except RuntimeError as error:
             if is_comm_failure(error):
@@ -275,12 +282,40 @@ class Trainer:
                 window = Window()
             stop = self.guard.check_step(self.engine, self.step)
             checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
-            if stop or self.step == stop_at or (checkpoint_due and self.guard.checkpoint_ok):
+            saved = stop or self.step == stop_at or (checkpoint_due and self.guard.checkpoint_ok)
+            if saved:
                 tag_dir = self.save_checkpoint()
                 checkpoint_due = False
                 if stop:
                     return self.guard.preempted(self.step, tag_dir.name)
+            if self.heldout is not None and (self.step % spec.eval.every_n_steps == 0 or self.step == stop_at):
+                self._evaluate(saved)
         return None
+
+    def _evaluate(self, saved: bool) -> None:
+        """Held-out loss and agreement now, in the trackers; a new best is checkpointed (if this step
+        was not) and pinned against pruning."""
+        scalars = self.heldout.run(self.engine, self.teacher, self._loss, self.masker)
+        if self.heldout.improves(scalars, self.best):
+            if not saved and self.guard.checkpoint_ok:
+                self.save_checkpoint()
+            if saved or self.guard.checkpoint_ok:
+                value = self.heldout.value(scalars)
+                self.best = {"step": self.step, "value": value, "metric": self.spec.eval.metric, "scalars": scalars}
+                self.checkpoints.mark_best(self.step, {"value": value})
+        if self.best is not None:
+            scalars[f"eval/best_{self.spec.eval.metric}"] = self.best["value"]
+        self.logger.scalars(self.step, scalars)
+        if self.dist.is_main:
+            print(f"step {self.step}: held-out loss {scalars['eval/loss_total']:.4f}, "
+                  f"agreement {scalars['eval/agreement']:.3f}", flush=True)
+
+    def _export(self) -> Path:
+        """The student of the best checkpoint (eval.export 'best', when there is one), else of the newest."""
+        if self.best is not None and self.spec.eval.export == "best":
+            tag_dir = self.checkpoints.ckpt_dir / tag_for(self.best["step"])
+            return export_checkpoint(tag_dir, self.output_dir / "student", results={"heldout": self.best["scalars"]})
+        return export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
 
     def _log(self, window: Window, progress: tqdm) -> None:
         means = window.global_means()  # one all-reduce per logging step, not per step

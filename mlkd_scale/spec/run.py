@@ -12,6 +12,7 @@ from mlkd_scale.spec.sections import (
     CheckpointSpec,
     DataSpec,
     DeepSpeedSpec,
+    EvalSpec,
     FaultsSpec,
     LoggingSpec,
     LossesSpec,
@@ -42,6 +43,9 @@ class RunSpec(StrictModel):
         default_factory=CheckpointSpec, description="Checkpointing and resume."
     )
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="TensorBoard and console logging.")
+    eval: EvalSpec = Field(
+        default_factory=EvalSpec, description="Evaluation on held-out documents during general distillation."
+    )
     faults: FaultsSpec = Field(
         default_factory=FaultsSpec, description="Preemption grace period, collective timeout, non-finite steps."
     )
@@ -99,6 +103,12 @@ def _run_kind_problems(spec: RunSpec) -> list[str]:
             )
         ]
     train = spec.train
+    if spec.task is None and spec.eval.every_n_steps is not None and not spec.data.heldout_fraction:
+        return ["eval.every_n_steps: evaluation needs held-out documents; set data.heldout_fraction (e.g. 0.01)"]
+    if spec.task is None and spec.data.heldout_fraction and spec.data.pretokenized_dir:
+        return ["data.heldout_fraction: holding documents out needs a streamed corpus; unset data.pretokenized_dir"]
+    if spec.task is not None and spec.eval.every_n_steps is not None:
+        return ["eval.every_n_steps: a task run evaluates on dev (task.eval_every_n_steps); remove the eval section"]
     if spec.task is None:
         if train.max_steps is None and train.token_budget is None:
             return [

@@ -137,6 +137,14 @@ class DataSpec(StrictModel):
         "random token, 10 % kept; mlkd_scale/data/mlm_masking.py) in runs whose loss terms read MLM "
         "predictions (the distilbert preset's stage 1); unused otherwise.",
     )
+    heldout_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Share of the documents never trained on, kept for eval.every_n_steps; chosen by a hash of "
+        "(run.seed, document id), so the same documents at any world size and after any resume (a hub source "
+        "needs an `id` column for stable ids). Streamed corpora only. 0: every document is trained on.",
+    )
     stream_shards: int | None = Field(
         None,
         ge=1,
@@ -145,6 +153,29 @@ class DataSpec(StrictModel):
         "many ranks). Unset = the world size of the run's first launch. Fixed for a run (recorded in its "
         "checkpoints): set it at the start to the largest world size you may resume at. Streamed sources only: "
         "a pretokenized corpus resumes exactly at any world size.",
+    )
+
+
+class EvalSpec(StrictModel):
+    """Evaluation during general distillation, on documents held out of the corpus (never trained on)."""
+
+    every_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate every N optimizer steps (and at the end): the Stage-1 loss on the documents "
+        "data.heldout_fraction holds out and the agreement with the teacher (as `mlkd-scale agreement` "
+        "computes it). Unset: off.",
+    )
+    max_documents: int = Field(
+        128, ge=4, description="Held-out documents evaluated (the first ones met in corpus order)."
+    )
+    metric: Literal["agreement", "loss"] = Field(
+        "agreement",
+        description="What picks the best checkpoint: agreement (higher is better) or the held-out Stage-1 loss "
+        "(lower is better). The best is pinned against keep_last pruning and kept across resumes.",
+    )
+    export: Literal["best", "last"] = Field(
+        "best", description="Which checkpoint the end-of-run export writes."
     )
 
 
