@@ -60,7 +60,6 @@ every record of a rank is empty or malformed       DataError with the counts (fr
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import json
 import lzma
@@ -76,6 +75,8 @@ from datasets import Features, IterableDataset, Value, interleave_datasets, load
 from datasets.distributed import split_dataset_by_node
 
 from mlkd_scale.spec import DataSpec, SourceSpec
+from mlkd_scale.spec.fs import PathProblem
+from mlkd_scale.spec.listing import list_source_files
 
 #: Columns of every source. ``malformed`` is None for a good record, else why it is skipped
 #: ("<file>: line 7 is not valid JSON ..."); its ``text`` is then "".
@@ -88,18 +89,6 @@ FEATURES = Features(
     }
 )
 
-# File suffix -> reader format. Compression suffixes (text and json only) are looked through.
-SUFFIX_FORMATS = {
-    ".txt": "text",
-    ".text": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
-
-
 class DataError(ValueError):
     """A problem with the user's data sources, stated in one sentence with the fix."""
 
@@ -111,49 +100,16 @@ def source_label(spec: SourceSpec) -> str:
     return str(spec.path)
 
 
-def _file_format(path: str, fmt: str) -> str | None:
-    """The reader for ``path``: the declared format, else read from the suffix (None if unknown)."""
-    if fmt != "auto":
-        return fmt
-    name = path.lower()
-    for comp in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(comp)
-    return SUFFIX_FORMATS.get(os.path.splitext(name)[1])
-
-
-def resolve_files(spec: SourceSpec) -> list[tuple[str, str]]:
+def resolve_files(spec: SourceSpec, field: str = "data source") -> list[tuple[str, str]]:
     """Sorted ``(file, format)`` pairs of a local source: one file, a directory (recursive) or a glob.
 
-    Sorting makes the file index part of the document id stable across runs and machines.
+    Listed by :func:`~mlkd_scale.spec.listing.list_source_files`, the bounded listing validation uses
+    too. Sorting makes the file index part of the document id stable across runs and machines.
     """
-    path = os.path.expanduser(str(spec.path))
-    if any(ch in path for ch in "*?["):
-        candidates = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    elif os.path.isdir(path):
-        candidates = []
-        for root, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # no .cache, .git, ...
-            candidates += [os.path.join(root, f) for f in files if not f.startswith(".")]
-    elif os.path.isfile(path):
-        candidates = [path]
-    else:
-        candidates = []
-    explicit_file = os.path.isfile(path)
-    pairs = []
-    for file in sorted(candidates):
-        fmt = _file_format(file, spec.format)
-        if fmt is None and explicit_file:
-            raise DataError(
-                f"data source {path!r}: cannot tell the format from the suffix; "
-                "set format to text, json or parquet"
-            )
-        if fmt is not None:
-            pairs.append((file, fmt))
-    if not pairs:
-        raise DataError(
-            f"data source {path!r} matched no .txt/.jsonl/.json/.parquet files; check the path or the glob"
-        )
-    return pairs
+    try:
+        return list_source_files(field, str(spec.path), spec.format)
+    except PathProblem as problem:
+        raise DataError(str(problem)) from None
 
 
 def _open_text(file: str):
@@ -382,7 +338,7 @@ def _local_records(files: list, text_field: str, source_index: int, label: str) 
 def open_local_source(spec: SourceSpec, source_index: int) -> IterableDataset:
     """A local source as a streamed dataset with one shard per file (see the module docstring)."""
     label = source_label(spec)
-    pairs = resolve_files(spec)
+    pairs = resolve_files(spec, f"data.sources.{source_index}.path")
     columns: list[str] = []
     for file, fmt in pairs:  # the first file with a record (empty files have no columns)
         columns = _columns(file, fmt)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from mlkd_scale.spec.paths import _expand, _probe, looks_local
+from mlkd_scale.spec.fs import PathProblem, expand, probe
+from mlkd_scale.spec.paths import looks_local
 from mlkd_scale.spec.run import RunSpec
 from mlkd_scale.spec.sections import StudentSpec
 
@@ -95,8 +97,11 @@ def local_teacher_problems(spec: RunSpec) -> list[str]:
     Nothing for a hub name or an unreadable config (the engine checks those once it has the teacher).
     """
     path = spec.teacher.path
-    config_file = _expand(path) / "config.json"
-    if not looks_local(path) or not _probe(config_file, "is_file"):
+    try:
+        config_file = Path(expand("teacher.path", path)) / "config.json"
+    except PathProblem:  # reported by the paths check
+        return []
+    if not looks_local(path) or not probe(str(config_file), "file"):
         return []
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
