@@ -57,6 +57,7 @@ from mlkd_scale.spec.task import FinetuneBudget, SquadSpec, Stage1Budget, Stage2
 from mlkd_scale.spec.teacher_fit import (
     every_other_layers,
     init_layer_choice,
+    model_fit_problems,
     teacher_fit_problems,
     width_problem,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "init_layer_choice",
     "load_spec",
     "looks_local",
+    "model_fit_problems",
     "one_line",
     "read_mapping",
     "spec_hash",
