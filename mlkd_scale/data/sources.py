@@ -74,6 +74,7 @@ import pyarrow.parquet as pq
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+from mlkd_scale.errors import DataError
 from mlkd_scale.spec import DataSpec, SourceSpec
 from mlkd_scale.spec.fs import PathProblem
 from mlkd_scale.spec.listing import list_source_files
@@ -88,10 +89,6 @@ FEATURES = Features(
         "malformed": Value("string"),
     }
 )
-
-class DataError(ValueError):
-    """A problem with the user's data sources, stated in one sentence with the fix."""
-
 
 def source_label(spec: SourceSpec) -> str:
     """How a source is named in messages: its hub name (and config) or its path."""

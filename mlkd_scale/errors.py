@@ -1,0 +1,18 @@
+"""User-facing error types: bad input ends in one of these, one line per problem naming the field or
+file and the fix, never in a traceback (the launchers and ``mlkd-scale`` print it and exit 2).
+
+:class:`SpecError` (the run spec) lives in the spec package, which is a leaf that imports nothing
+heavy, and is re-exported here; :class:`DataError` (data files and sources) is defined here, so a
+reader of GLUE or SQuAD files can raise it without importing ``datasets``.
+"""
+
+from __future__ import annotations
+
+from mlkd_scale.spec.errors import SpecError
+
+
+class DataError(ValueError):
+    """A problem with the user's data sources, stated in one sentence with the fix."""
+
+
+__all__ = ["DataError", "SpecError"]
