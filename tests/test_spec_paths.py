@@ -56,11 +56,15 @@ def set_dotted(spec: dict, dotted: str, value) -> dict:
     return spec
 
 
-def problems_of(directory: Path, spec: dict) -> list[str]:
+def write_spec(directory: Path, spec: dict) -> Path:
     path = directory / "spec.json"
     path.write_text(json.dumps(spec))
+    return path
+
+
+def problems_of(directory: Path, spec: dict) -> list[str]:
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        load_spec(write_spec(directory, spec))
     return info.value.problems
 
 
@@ -233,13 +237,28 @@ def test_good_output_folders_pass(tmp_path: Path) -> None:
         assert output_dir_problems("run.output_dir", value, "fix") == []
 
 
-def test_pretokenized_dir_may_be_new_but_not_a_file(workdir: Path) -> None:
-    (problem,) = problems_of(
-        workdir, general(data={"sources": [{"path": "corpus"}], "pretokenized_dir": "corpus/a.txt"})
-    )
-    assert problem.startswith(
-        "data.pretokenized_dir: corpus/a.txt is not a directory; give the --out directory"
-    )
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("corpus/a.txt", "corpus/a.txt exists and is not a directory"),
+        ("/", "/ is the root of the file system"),
+    ],
+)
+def test_pretokenized_dir_may_be_new_but_not_a_file_or_root(workdir: Path, value: str, message: str) -> None:
+    spec = general(data={"sources": [{"path": "corpus"}], "pretokenized_dir": value})
+    (problem,) = problems_of(workdir, spec)
+    assert problem.startswith(f"data.pretokenized_dir: {message}; give the --out directory of `mlkd-scale")
+    assert load_spec(write_spec(workdir, set_dotted(spec, "data.pretokenized_dir", "new/dir")))
+
+
+def test_an_output_dir_through_a_dangling_link(workdir: Path) -> None:
+    os.symlink("nowhere", workdir / "dangling")
+    for value in ("dangling", "dangling/run"):
+        (problem,) = problems_of(workdir, general(run={"output_dir": value}))
+        assert (
+            problem.startswith(f"run.output_dir: {value} cannot be created, ")
+            and "is a link to nothing" in problem
+        )
 
 
 def test_sections_that_fail_still_get_their_paths_checked(workdir: Path) -> None:
@@ -292,3 +311,11 @@ def test_validate_an_unmatched_glob_over_usr_fails_fast(workdir: Path) -> None:
     (line,) = result.stderr.strip().splitlines()[1:]
     assert line.startswith("  data.sources.0.path: ") and "/usr/**/*.nomatch" in line
     assert "narrow it" in line or "matches no files" in line  # a small /usr can be listed in full
+
+
+@pytest.mark.parametrize("name", [LONG, "owner/name--x", "a..b", "one/two three", "-dash"])
+def test_model_names_that_are_neither_a_directory_nor_a_hub_id(workdir: Path, name: str) -> None:
+    (problem,) = problems_of(workdir, general(teacher={"path": name}))
+    assert problem.startswith("teacher.path: ") and "is neither a local directory nor a hub model name" in problem
+    for good in ("bert-base-uncased", "google/bert_uncased_L-2_H-128_A-2", "org/model.v1_2"):
+        assert load_spec(write_spec(workdir, general(teacher={"path": good}))).teacher.path == good

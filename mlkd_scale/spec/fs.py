@@ -143,16 +143,24 @@ def output_dir_problems(field: str, value: str, fix: str) -> list[str]:
             return [f"{field}: {where} is the home directory; {fix}"]
         if info.kind not in ("dir", "missing"):
             return [f"{field}: {shown(value)} exists and is not a directory; {fix}"]
-        parent = Path(os.path.abspath(info.path)).parent
-        while info.kind == "missing" and parent != parent.parent:
-            above = inspect_path(field, str(parent), fix)
-            if above.kind == "dir":
-                break
-            if above.kind != "missing":
-                return [
-                    f"{field}: {shown(value)} cannot be created, {shown(str(parent))} is not a directory; {fix}"
-                ]
-            parent = parent.parent
+        return _creatable(field, value, info, fix)
     except PathProblem as problem:
         return [str(problem)]
+
+
+def _creatable(field: str, value: str, info: PathInfo, fix: str) -> list[str]:
+    """Whether a missing directory can be made: the nearest existing ancestor is a directory and
+    nothing on the way is a symbolic link to nothing (``mkdir`` fails on both)."""
+    path = Path(os.path.abspath(info.path))
+    while info.kind == "missing" and path != path.parent:
+        if os.path.islink(path):
+            return [
+                f"{field}: {shown(value)} cannot be created, {shown(str(path))} is a link to nothing; {fix}"
+            ]
+        path = path.parent
+        info = inspect_path(field, str(path), fix)
+        if info.kind not in ("dir", "missing"):
+            return [
+                f"{field}: {shown(value)} cannot be created, {shown(str(path))} is not a directory; {fix}"
+            ]
     return []

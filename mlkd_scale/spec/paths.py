@@ -7,6 +7,7 @@ Every check looks at the file system through :func:`~mlkd_scale.spec.fs.inspect_
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from mlkd_scale.spec.task import TaskSpec
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 _NOUNS = {"dir": "directory", "file": "file"}
+#: A Hugging Face hub repo id, as huggingface_hub's validate_repo_id has it: [owner/]name.
+_HUB_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b$")
 
 
 def existing_problems(field: str, value: str, want: Kind, fix: str) -> list[str]:
@@ -72,7 +75,14 @@ def _model_dir_problems(field: str, name: str) -> list[str]:
     if not name.strip():
         return [f"{field}: is empty; give a local Hugging Face model directory or a hub name"]
     if not looks_local(name):
-        return []
+        if _HUB_ID.match(name) and "--" not in name and ".." not in name:
+            return []
+        return [
+            (
+                f"{field}: {shown(name)} is neither a local directory nor a hub model name (owner/name of "
+                f"letters, digits, '-', '_' and '.', at most 96 characters each, no '--' or '..'); {fix}"
+            )
+        ]
     problems = existing_problems(field, name, "dir", fix)
     if problems:
         return problems
@@ -176,20 +186,9 @@ def _output_problems(sections: dict[str, Any]) -> list[str]:
 
 def _data_problems(data: DataSpec | None, sources: list[tuple[int, SourceSpec]]) -> list[str]:
     problems = [p for index, source in sources for p in _source_problems(index, source)]
-    if data is not None and data.pretokenized_dir is not None:
-        try:  # written by `mlkd-scale pretokenize`, so it need not exist yet; if it does, a directory
-            kind = inspect_path(
-                "data.pretokenized_dir",
-                data.pretokenized_dir,
-                "give the --out directory of `mlkd-scale pretokenize` or leave it unset",
-            ).kind
-        except PathProblem as problem:
-            return problems + [str(problem)]
-        if kind not in ("dir", "missing"):
-            problems.append(
-                f"data.pretokenized_dir: {shown(data.pretokenized_dir)} is not a directory; give the --out "
-                "directory of `mlkd-scale pretokenize` or leave it unset"
-            )
+    if data is not None and data.pretokenized_dir is not None:  # `mlkd-scale pretokenize` writes it
+        fix = "give the --out directory of `mlkd-scale pretokenize` (a folder of its own) or leave it unset"
+        problems += output_dir_problems("data.pretokenized_dir", data.pretokenized_dir, fix)
     return problems
 
 
