@@ -200,7 +200,7 @@ def test_bad_json_is_a_clear_error(tmp_path):
 
 
 def test_no_files_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="matched no"):
+    with pytest.raises(DataError, match=r"data\.sources\.0\.path: glob .*nothing\*\.jsonl matches no files"):
         open_corpus(spec_for(str(tmp_path / "nothing*.jsonl")), 0, 1, seed=0)
 
 

@@ -6,6 +6,12 @@ unknown and missing keys at every level, bad enum strings and paths, broken JSON
 config conflicts and the batch arithmetic over world sizes 1..64. The property is the same for all:
 ``load_spec`` and ``resolve_plan`` either succeed or raise :class:`SpecError`, and each line of the
 error is non-empty, a single line, and names a field path or the file.
+
+Path fields get paths no file system takes (an unknown ``~user``, a 300-character component, a NUL
+byte, a loop of links, a device, a ``**`` glob that matches nothing, a root or the home directory as
+an output folder), in general and task specs. Every spec tried is counted by outcome (accepted,
+refused, and stray exceptions, which fail the test); the tally is printed at the end of the module
+(and written as JSON to $FUZZ_TALLY when set).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,7 +33,7 @@ from hypothesis import strategies as st
 
 from mlkd_scale import cli
 from mlkd_scale.plan import resolve_plan
-from mlkd_scale.spec import RunSpec, SpecError, load_spec, spec_hash
+from mlkd_scale.spec import RunSpec, SpecError, listing, load_spec, spec_hash
 
 # FUZZ_EXAMPLES=5000 runs a deeper, randomized search; by default the examples are the same on
 # every run, so a CI failure reproduces locally.
@@ -39,6 +46,23 @@ FUZZ = settings(
     database=None,
 )
 SECTIONS = tuple(RunSpec.model_fields)
+#: Specs tried, by outcome; printed when the module ends (see the ``tally`` fixture).
+TALLY: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally(request: pytest.FixtureRequest):
+    """Print (and with $FUZZ_TALLY, write) how many specs the module tried and how each ended."""
+    TALLY.clear()
+    yield TALLY
+    lines = [f"{kind}: {count}" for kind, count in sorted(TALLY.items(), key=lambda kv: (-kv[1], kv[0]))]
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+    if reporter is not None:
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.write_line("\nspec fuzzing: " + "; ".join(lines))
+    if os.environ.get("FUZZ_TALLY"):
+        Path(os.environ["FUZZ_TALLY"]).write_text(json.dumps(dict(TALLY), indent=1, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +221,21 @@ def check_lines(exc: SpecError, spec_path: Path, data=None) -> None:
 
 
 def check(path: Path, data=None, world_sizes=(1, 8, 64)) -> RunSpec | None:
-    """load_spec / resolve_plan either succeed or raise SpecError with good lines; nothing else."""
+    """load_spec / resolve_plan either succeed or raise SpecError with good lines; nothing else.
+
+    Counts the spec in :data:`TALLY` by outcome; a stray exception is counted, then raised.
+    """
+    TALLY["specs tried"] += 1
+    try:
+        outcome, spec = _check(path, data, world_sizes)
+    except Exception as exc:
+        TALLY[f"stray {type(exc).__name__}"] += 1
+        raise
+    TALLY[outcome] += 1
+    return spec
+
+
+def _check(path: Path, data, world_sizes) -> tuple[str, RunSpec | None]:
     try:
         spec = load_spec(path)
     except SpecError as exc:
@@ -208,17 +246,19 @@ def check(path: Path, data=None, world_sizes=(1, 8, 64)) -> RunSpec | None:
     except SpecError as exc:
         check_lines(exc, path, data)
     if spec is None:
-        return None
+        return "refused by load_spec (SpecError)", None
     spec_hash(spec)
+    outcome = "accepted, planned at every world size"
     for ws in world_sizes:
         try:
             plan = resolve_plan(spec, ws)
         except SpecError as exc:
             check_lines(exc, path, data)
+            outcome = "accepted, refused by resolve_plan at a world size (SpecError)"
             continue
         plan.summary()
         json.dumps(plan.deepspeed_config, allow_nan=False)  # what DeepSpeed gets is strict JSON
-    return spec
+    return outcome, spec
 
 
 def write_json(root: Path, data) -> Path:
@@ -545,15 +585,18 @@ def test_batch_arithmetic_over_world_sizes(root: Path, micro, accum, world, glob
         del data["train"]["max_steps"]
     path = write_json(root, data)
     spec = load_spec(path)  # the world size is unknown here: always valid
+    TALLY["specs tried"] += 1
     try:
         plan = resolve_plan(spec, world)
     except SpecError as exc:
+        TALLY["accepted, refused by resolve_plan at a world size (SpecError)"] += 1
         check_lines(exc, path, data)
         assert global_batch is not None and global_batch != micro * accum * world
         assert exc.problems[0].startswith("train.global_batch_size: ")
         with pytest.raises(SpecError):
             load_spec(path, world_size=world)
         return
+    TALLY["accepted, planned at every world size"] += 1
     assert global_batch in (None, micro * accum * world)
     assert plan.global_batch_size == micro * accum * world
     assert plan.tokens_per_step == plan.global_batch_size * 64
@@ -723,23 +766,149 @@ def test_huge_head_count_hint_is_fast(root: Path) -> None:
     assert "student.num_heads" in str(info.value)
 
 
-def test_paths_with_unknown_home_or_odd_characters(root: Path) -> None:
-    for value in (
-        "~nosuchuser_fuzz/bert",
-        "/\udc80/bert",
-        "./a\x00b",
-        "/" + "x" * 5000,
-        "~nosuchuser_fuzz/*.jsonl",
-        "",
-    ):
-        for field in (
-            ("teacher", "path"),
-            ("data", "sources", 0, "path"),
-            ("checkpoint", "resume"),
-            ("deepspeed", "config"),
-        ):
-            data = set_in(base_spec(root), field, value)
-            assert check(write_json(root, data), data) is None, (field, value)
+# -- paths -----------------------------------------------------------------------------------------
+
+GENERAL_PATHS = [
+    ("teacher", "path"),
+    ("student", "path"),
+    ("data", "sources", 0, "path"),
+    ("data", "pretokenized_dir"),
+    ("deepspeed", "config"),
+    ("checkpoint", "resume"),
+    ("checkpoint", "dir"),
+    ("logging", "tensorboard_dir"),
+    ("run", "output_dir"),
+]
+TASK_PATHS = [
+    ("task", "data_dir"),
+    ("task", "augmented_dir"),
+    ("task", "squad", "train_file"),
+    ("task", "squad", "dev_file"),
+]
+OUTPUT_DIRS = {("run", "output_dir"), ("checkpoint", "dir"), ("logging", "tensorboard_dir")}
+#: Values no path field takes, whatever the field (the spec must be refused, naming the field).
+ALWAYS_BAD = {
+    "unknown user": "~nosuchuser_fuzz/x",
+    "unknown user, bare": "~nosuchuser_fuzz",
+    "unknown user glob": "~nosuchuser_fuzz/**/*.jsonl",
+    "300-char component": "/tmp/" + "x" * 300 + "/y",
+    "300-char relative name": "x" * 300,
+    "5000-char component": "/" + "x" * 5000,
+    "NUL byte": "./a\x00b",
+    "lone surrogate": "/\udc80/x",
+}
+
+
+def odd_paths(root: Path) -> dict[str, str]:
+    """Paths that some fields take and others refuse, by what they are."""
+    return {
+        "unmatched ** glob": f"{root}/**/*.nomatch",
+        "root": "/",
+        "root, through ..": f"{root}/" + "../" * 40,
+        "home": "~",
+        "loop of links": f"{root}/loop_a/x",
+        "dangling link": f"{root}/dangling",
+        "file used as a directory": f"{root}/corpus.jsonl/x",
+        "a device": "/dev/null",
+        "empty": "",
+        "blank": "   ",
+        "does not exist": f"{root}/no/such/thing",
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_listings():
+    """Listings stop after 20,000 entries here (100,000 in a run), so a source of "/" or "~" costs the
+    fuzzer a few milliseconds; tests/test_spec_paths.py covers the real bounds."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(listing, "MAX_LISTED_ENTRIES", 20_000)
+        yield
+
+
+@pytest.fixture(scope="module")
+def odd_root(root: Path) -> Path:
+    """``root`` plus a loop of symbolic links, a dangling link, a GLUE folder and a SQuAD file."""
+    if not (root / "loop_a").is_symlink():
+        os.symlink("loop_b", root / "loop_a")
+        os.symlink("loop_a", root / "loop_b")
+        os.symlink("nowhere", root / "dangling")
+        (root / "glue").mkdir()
+        (root / "squad.json").write_text(json.dumps({"version": "v2.0", "data": []}))
+    return root
+
+
+def task_base(root: Path, field: tuple) -> dict:
+    """A valid task spec: SQuAD when ``field`` is a task.squad file, else RTE."""
+    spec = {k: v for k, v in base_spec(root).items() if k not in ("data", "train")}
+    squad = field[:2] == ("task", "squad")
+    spec["task"] = {
+        "name": "squad_v2" if squad else "rte",
+        "data_dir": str(root / "glue"),
+        "max_seq_length": 64,
+    }
+    if squad:
+        squad_file = str(root / "squad.json")
+        spec["task"]["squad"] = {
+            "train_file": squad_file,
+            "dev_file": squad_file,
+            "doc_stride": 16,
+            "max_query_length": 12,
+        }
+    spec["train"] = {"micro_batch_size": 4, "precision": "bf16", "zero_stage": 2}
+    return spec
+
+
+def with_path(root: Path, field: tuple, value: str) -> dict:
+    data = task_base(root, field) if field[0] == "task" else base_spec(root)
+    if field == ("student", "path"):
+        data["student"]["init"] = "path"
+    return set_in(data, field, value)
+
+
+#: The (field, path) pairs a spec may hold: a folder the run creates, or an existing directory.
+ACCEPTED = {
+    *((field, kind) for field in [*OUTPUT_DIRS, ("data", "pretokenized_dir")]
+      for kind in ("does not exist", "unmatched ** glob")),
+    (("run", "output_dir"), "empty"),  # = outputs/<run.name>
+    *((field, kind) for field in [("checkpoint", "resume"), ("task", "data_dir"), ("task", "augmented_dir")]
+      for kind in ("root", "root, through ..", "home")),
+}  # fmt: skip
+#: Pairs that depend on the machine: "/" or "~" as a data source lists whatever files are there.
+MACHINE_DEPENDENT = {(("data", "sources", 0, "path"), kind) for kind in ("root", "root, through ..", "home")}
+
+
+def test_every_path_field_with_every_bad_path(odd_root: Path) -> None:
+    odd = odd_paths(odd_root)
+    for field in GENERAL_PATHS + TASK_PATHS:
+        dotted = ".".join(map(str, field))
+        for kind, value in {**ALWAYS_BAD, **odd}.items():
+            data = with_path(odd_root, field, value)
+            spec = check(write_json(odd_root, data), data)
+            TALLY[f"path case {kind!r}: {'accepted' if spec is not None else 'refused'}"] += 1
+            if (field, kind) in MACHINE_DEPENDENT:
+                continue
+            assert (spec is not None) == ((field, kind) in ACCEPTED), (dotted, kind)
+            if spec is None:
+                with pytest.raises(SpecError) as info:
+                    load_spec(write_json(odd_root, data))
+                assert any(dotted in line for line in info.value.problems), (kind, info.value.problems)
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(GENERAL_PATHS + TASK_PATHS),
+    kind=st.sampled_from(sorted(ALWAYS_BAD) + sorted(odd_paths(Path("/probe")))),
+    other=st.sampled_from(LEAVES),
+    value=weird,
+)
+def test_bad_paths_with_other_mutations(odd_root: Path, field: tuple, kind: str, other: tuple, value) -> None:
+    """A bad path next to a wrong value elsewhere: the paths of the sections that still validate are
+    checked on their own (the path problems of a spec that fails the schema)."""
+    path_value = {**ALWAYS_BAD, **odd_paths(odd_root)}[kind]
+    data = with_path(odd_root, field, path_value)
+    with contextlib.suppress(KeyError, IndexError, TypeError):
+        data = set_in(data, other, value)
+    check(write_json(odd_root, data), data)
 
 
 # -- valid mutations -------------------------------------------------------------------------------
@@ -783,6 +952,7 @@ def test_valid_mutations_load_and_validate_prints_the_plan(root: Path, changes: 
     path = write_json(root, data)
     spec = load_spec(path, world_size=world)
     plan = resolve_plan(spec, world)
+    TALLY.update(["specs tried", "accepted, planned at every world size"])
     assert (
         plan.global_batch_size == spec.train.micro_batch_size * spec.train.gradient_accumulation_steps * world
     )

@@ -34,7 +34,7 @@ from mlkd_scale.engine.task_run import evaluate_model_dir
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features
-from mlkd_scale.spec import LossesSpec, SpecError, load_spec
+from mlkd_scale.spec import LossesSpec, RunSpec, SpecError, load_spec
 
 V2_KEYS = {"exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
            "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}
@@ -65,7 +65,10 @@ def test_any_spelling_of_a_squad_version(tmp_path: Path, spelling: str, name: st
     raw = json.loads(path.read_text())
     del raw["task"]["max_seq_length"]
     path.write_text(json.dumps(raw))
-    spec = load_spec(path)
+    # the tiny teacher has 64 positions, too few for the default windows: validation says so ...
+    with pytest.raises(SpecError, match=r"^task\.max_seq_length: 384 tokens per sequence, but teacher\.path"):
+        load_spec(path)
+    spec = RunSpec.model_validate(raw)  # ... and the section itself is valid
     assert spec.task.name == name and spec.task.is_squad
     # the documented defaults: run_qa.py's windows and post-processing, F1 selection
     assert spec.task.max_seq_length == 384

@@ -7,8 +7,10 @@ so that several sources can be interleaved by weight and the whole corpus split 
 * ``text``    -- the document text;
 * ``orig_id`` -- the source's own ``id`` column as a string, or ``None`` when it has none.
 
-Local sources are a sharded ``IterableDataset.from_generator`` with one shard per file, reading
-each file with a small reader (text lines, JSON Lines / JSON array, parquet rows) rather than one
+Local sources are a sharded ``IterableDataset.from_generator`` with one shard per file (listed by
+the bounded :func:`~mlkd_scale.spec.listing.list_source_files` that validation uses too), reading
+each file with a small reader (:mod:`~mlkd_scale.data.source_records`: text lines, JSON Lines / JSON
+array, parquet rows) rather than one
 ``load_dataset("json", data_files=...)`` over all files. Two reasons: the generator knows which
 file and row it is on, so the id ``"<source>:<file>:<row>"`` stays the same when
 ``split_dataset_by_node`` hands whole files to ranks and when ``set_epoch`` reshuffles the file
@@ -54,28 +56,31 @@ parquet text column of a non-string type           DataError naming the file and
 unreadable, corrupt or truncated file              DataError naming the file (not a raw
 (parquet, .gz/.bz2/.xz, permissions)               pyarrow/gzip/OSError traceback)
 every record of a rank is empty or malformed       DataError with the counts (from PackedStream)
+a glob or directory too broad to list (100,000     DataError naming data.sources.N.path, the pattern
+directory entries or 3 s), or matching nothing     and how to narrow it (validate says the same)
 =================================================  ====================================================
 """
 
 from __future__ import annotations
 
-import bz2
-import glob
-import gzip
-import json
-import lzma
-import os
-import re
-import zlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+from mlkd_scale.data.source_records import (
+    SURROGATE,
+    check_parquet_text,
+    checked_rows,
+    columns_of,
+    kind_of,
+    read_file,  # noqa: F401 - the strict reader of one file, part of this module's interface
+)
+from mlkd_scale.errors import DataError
 from mlkd_scale.spec import DataSpec, SourceSpec
+from mlkd_scale.spec.fs import PathProblem
+from mlkd_scale.spec.listing import list_source_files
 
 #: Columns of every source. ``malformed`` is None for a good record, else why it is skipped
 #: ("<file>: line 7 is not valid JSON ..."); its ``text`` is then "".
@@ -88,21 +93,6 @@ FEATURES = Features(
     }
 )
 
-# File suffix -> reader format. Compression suffixes (text and json only) are looked through.
-SUFFIX_FORMATS = {
-    ".txt": "text",
-    ".text": "text",
-    ".jsonl": "json",
-    ".json": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")
-
-
-class DataError(ValueError):
-    """A problem with the user's data sources, stated in one sentence with the fix."""
-
 
 def source_label(spec: SourceSpec) -> str:
     """How a source is named in messages: its hub name (and config) or its path."""
@@ -111,223 +101,16 @@ def source_label(spec: SourceSpec) -> str:
     return str(spec.path)
 
 
-def _file_format(path: str, fmt: str) -> str | None:
-    """The reader for ``path``: the declared format, else read from the suffix (None if unknown)."""
-    if fmt != "auto":
-        return fmt
-    name = path.lower()
-    for comp in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(comp)
-    return SUFFIX_FORMATS.get(os.path.splitext(name)[1])
-
-
-def resolve_files(spec: SourceSpec) -> list[tuple[str, str]]:
+def resolve_files(spec: SourceSpec, field: str = "data source") -> list[tuple[str, str]]:
     """Sorted ``(file, format)`` pairs of a local source: one file, a directory (recursive) or a glob.
 
-    Sorting makes the file index part of the document id stable across runs and machines.
+    Listed by :func:`~mlkd_scale.spec.listing.list_source_files`, the bounded listing validation uses
+    too. Sorting makes the file index part of the document id stable across runs and machines.
     """
-    path = os.path.expanduser(str(spec.path))
-    if any(ch in path for ch in "*?["):
-        candidates = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    elif os.path.isdir(path):
-        candidates = []
-        for root, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # no .cache, .git, ...
-            candidates += [os.path.join(root, f) for f in files if not f.startswith(".")]
-    elif os.path.isfile(path):
-        candidates = [path]
-    else:
-        candidates = []
-    explicit_file = os.path.isfile(path)
-    pairs = []
-    for file in sorted(candidates):
-        fmt = _file_format(file, spec.format)
-        if fmt is None and explicit_file:
-            raise DataError(
-                f"data source {path!r}: cannot tell the format from the suffix; "
-                "set format to text, json or parquet"
-            )
-        if fmt is not None:
-            pairs.append((file, fmt))
-    if not pairs:
-        raise DataError(
-            f"data source {path!r} matched no .txt/.jsonl/.json/.parquet files; check the path or the glob"
-        )
-    return pairs
-
-
-def _open_text(file: str):
-    """Open a text file for reading, decompressing by suffix.
-
-    Undecodable bytes become lone surrogates (``surrogateescape``) so that one bad line can be
-    reported and skipped instead of a UnicodeDecodeError ending the whole file; a byte-order mark
-    is dropped.
-    """
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(
-        os.path.splitext(file)[1].lower(), open
-    )
-    return opener(file, "rt", encoding="utf-8-sig", errors="surrogateescape")
-
-
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogateescape maps them
-_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates (also from JSON "\\ud800" escapes)
-_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException)
-
-
-class Row(NamedTuple):
-    """One record of a file: where it is ("line 7"), its value, and why it is malformed (or None)."""
-
-    where: str
-    value: Any
-    problem: str | None
-
-
-def _kind(value: Any) -> str:
-    names = {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-        type(None): "null",
-        bytes: "bytes",
-    }
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
-def _json_row(where: str, line: str) -> Row:
-    if _UNDECODABLE.search(line):
-        return Row(where, None, f"{where} is not valid UTF-8")
     try:
-        value = json.loads(line)
-    except json.JSONDecodeError as e:
-        return Row(where, None, f"{where} is not valid JSON ({e.msg} at column {e.colno})")
-    except RecursionError:
-        return Row(where, None, f"{where} is JSON nested too deeply to read")
-    except ValueError as e:  # e.g. an integer with more digits than Python converts
-        return Row(where, None, f"{where} is not valid JSON ({str(e).split(';')[0]})")
-    if not isinstance(value, dict):
-        return Row(where, None, f"{where} is {_kind(value)}, not a JSON object")
-    return Row(where, value, None)
-
-
-def _json_array(file: str, text: str, first_line: int) -> list:
-    """A whole-file JSON array; it cannot be resynchronised after an error, so any error is a DataError."""
-    fix = "json sources must be JSON Lines (one object per line) or one JSON array of objects"
-    if _UNDECODABLE.search(text):
-        raise DataError(f"{file}: the JSON array is not valid UTF-8 text; {fix}")
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        line = first_line + e.lineno - 1
-        raise DataError(
-            f"{file}: line {line} is not valid JSON ({e.msg} at column {e.colno}); {fix}"
-        ) from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(
-            f"{file}: the JSON array cannot be read ({str(e).split(';')[0] or 'nested too deeply'}); {fix}"
-        ) from None
-    return items
-
-
-def _rows(file: str, fmt: str) -> Iterator[Row]:
-    """Every record of a file, malformed ones included, in file order; a broken file raises DataError."""
-    if fmt == "parquet":
-        number = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-            for value in batch.to_pylist():
-                number += 1
-                yield Row(f"row {number}", value, None)
-        return
-    with _open_text(file) as f:
-        if fmt == "text":
-            for number, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                bad = f"line {number} is not valid UTF-8" if _UNDECODABLE.search(line) else None
-                yield Row(f"line {number}", None if bad else {"text": line}, bad)
-            return
-        first = True
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if first and line.lstrip().startswith("["):  # a JSON array: the whole file is one list of records
-                items = _json_array(file, line + f.read(), number)
-                for index, item in enumerate(items):
-                    where = f"item {index + 1} of the JSON array"
-                    ok = isinstance(item, dict)
-                    yield Row(
-                        where,
-                        item if ok else None,
-                        None if ok else f"{where} is {_kind(item)}, not an object",
-                    )
-                return
-            first = False
-            yield _json_row(f"line {number}", line)
-
-
-def _checked_rows(file: str, fmt: str) -> Iterator[Row]:
-    """:func:`_rows` with the file-level rules: read errors and a malformed first record are DataErrors."""
-    first = True
-    try:
-        for row in _rows(file, fmt):
-            if row.problem is not None and first:
-                hint = {
-                    "json": "json sources must be JSON Lines (one object per line) or one JSON array of objects",
-                    "text": "text sources must be UTF-8 text (is the file binary, or compressed without a "
-                    ".gz/.bz2/.xz suffix?)",
-                }.get(fmt, "")
-                raise DataError(f"{file}: {row.problem}" + (f"; {hint}" if hint else ""))
-            first = False
-            yield row
-    except _READ_ERRORS as e:
-        what = "parquet file" if fmt == "parquet" else "file"
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise DataError(
-            f"{file}: cannot read this {what} ({reason.splitlines()[0]}); is it corrupt or truncated?"
-        ) from None
-
-
-def read_file(file: str, fmt: str) -> Iterator[dict]:
-    """The records of one local file, in file order (the order that row indices count).
-
-    text: one record ``{"text": line}`` per line; json: JSON Lines, or one JSON array of objects;
-    parquet: one record per row. Strict: a malformed record is a :class:`DataError` naming the file
-    and line (the stream itself skips and counts those, see the module docstring).
-    """
-    for row in _checked_rows(file, fmt):
-        if row.problem is not None:
-            raise DataError(f"{file}: {row.problem}")
-        yield row.value
-
-
-def _columns(file: str, fmt: str) -> list[str]:
-    """Column names of a local file, from its schema or its first record."""
-    if fmt == "parquet":
-        try:
-            return list(pq.ParquetFile(file).schema_arrow.names)
-        except _READ_ERRORS as e:
-            raise DataError(
-                f"{file}: cannot read this parquet file ({str(e).splitlines()[0]}); is it corrupt?"
-            ) from None
-    first = next(_checked_rows(file, fmt), None)
-    return list(first.value) if first is not None else []
-
-
-def _check_parquet_text(file: str, field: str) -> None:
-    """A parquet text column must hold strings (or only nulls); anything else is a DataError."""
-    try:
-        schema = pq.ParquetFile(file).schema_arrow
-    except _READ_ERRORS as e:
-        raise DataError(
-            f"{file}: cannot read this parquet file ({str(e).splitlines()[0]}); is it corrupt?"
-        ) from None
-    if field in schema.names:
-        kind = schema.field(field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
-            raise DataError(
-                f"{file}: the text column {field!r} holds {kind}, not strings; set text_field to a text column"
-            )
+        return list_source_files(field, str(spec.path), spec.format)
+    except PathProblem as problem:
+        raise DataError(str(problem)) from None
 
 
 def _missing_field(label: str, field: str, columns) -> DataError:
@@ -340,7 +123,7 @@ def _missing_field(label: str, field: str, columns) -> DataError:
 def _utf8(text: str) -> str:
     """``text`` made storable in Arrow: lone surrogates (a non-UTF-8 file name, a JSON ``"\\ud800"``
     id) become ``\\udcxx`` escapes instead of failing deep inside ``datasets``."""
-    return text if not _SURROGATE.search(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if not SURROGATE.search(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _text_problem(where: str, field: str, text: Any) -> str | None:
@@ -348,8 +131,8 @@ def _text_problem(where: str, field: str, text: Any) -> str | None:
     if text is None:
         return None
     if not isinstance(text, str):
-        return f"{where}: {field!r} is {_kind(text)}, not a string"
-    if _SURROGATE.search(text):
+        return f"{where}: {field!r} is {kind_of(text)}, not a string"
+    if SURROGATE.search(text):
         return f"{where}: {field!r} holds a lone surrogate (invalid Unicode)"
     return None
 
@@ -358,8 +141,8 @@ def _local_records(files: list, text_field: str, source_index: int, label: str) 
     """Generator behind a local source; ``files`` is this shard's list of ``(file index, file, format)``."""
     for file_index, file, fmt in files:
         if fmt == "parquet":
-            _check_parquet_text(file, text_field)
-        for row, (where, example, problem) in enumerate(_checked_rows(file, fmt)):
+            check_parquet_text(file, text_field)
+        for row, (where, example, problem) in enumerate(checked_rows(file, fmt)):
             record = {
                 "id": f"{source_index}:{file_index}:{row}",
                 "text": "",
@@ -382,13 +165,13 @@ def _local_records(files: list, text_field: str, source_index: int, label: str) 
 def open_local_source(spec: SourceSpec, source_index: int) -> IterableDataset:
     """A local source as a streamed dataset with one shard per file (see the module docstring)."""
     label = source_label(spec)
-    pairs = resolve_files(spec)
+    pairs = resolve_files(spec, f"data.sources.{source_index}.path")
     columns: list[str] = []
     for file, fmt in pairs:  # the first file with a record (empty files have no columns)
-        columns = _columns(file, fmt)
+        columns = columns_of(file, fmt)
         if columns:
             if fmt == "parquet":
-                _check_parquet_text(file, spec.text_field)
+                check_parquet_text(file, spec.text_field)
             break
     if spec.text_field not in columns:
         raise _missing_field(label, spec.text_field, columns)

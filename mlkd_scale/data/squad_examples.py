@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from mlkd_scale.data.sources import DataError
+from mlkd_scale.data.utf8 import not_utf8
+from mlkd_scale.errors import DataError
 
 log = logging.getLogger("mlkd_scale")
 
@@ -182,6 +183,8 @@ def read_squad_json(path: str | os.PathLike, misaligned: Misaligned = "repair") 
         raise SquadDataError(f"SQuAD file {os.fspath(path)!r} does not exist; check the path") from None
     except json.JSONDecodeError as err:
         raise SquadDataError(f"SQuAD file {os.fspath(path)!r} is not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, "SQuAD", SquadDataError) from None
     return parse_squad_json(data, os.fspath(path), misaligned)
 
 

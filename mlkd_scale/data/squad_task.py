@@ -104,6 +104,11 @@ def read_split(spec: TaskSpec, split: str) -> list[SquadExample]:
                 f"name the file with task.squad.{field}"
             )
     examples = read_squad_json(given) if given is not None else load_squad_hub(HUB[spec.name], split)
+    if not examples:
+        raise SquadDataError(
+            f"{given or HUB[spec.name]}: the {split} split has no questions; give a complete official-format "
+            "SQuAD JSON file"
+        )
     if spec.name == "squad_v1":
         impossible = next((e.id for e in examples if e.is_impossible), None)
         if impossible is not None:

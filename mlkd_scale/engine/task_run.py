@@ -19,6 +19,7 @@ from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.task_stage import TaskContext
+from mlkd_scale.models import check_model_fit
 from mlkd_scale.models.taps import head_logits
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
@@ -40,6 +41,7 @@ def make_context(
     plan = resolve_plan(spec, info.world_size)
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
+    check_model_fit(spec, tokenizer)  # before the data is read and any model or engine is built
     try:
         data = load_task_data(spec.task, tokenizer, with_augmented=with_augmented)
     except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each

@@ -40,6 +40,7 @@ from mlkd_scale.losses.presets import get_preset
 from mlkd_scale.models import (
     FeatureTap,
     build_student,
+    check_model_fit,
     load_teacher,
     resolve_init_layers,
     resolve_layer_mapping,
@@ -50,20 +51,25 @@ from mlkd_scale.spec import RunSpec, SpecError, spec_hash, teacher_fit_problems
 log = logging.getLogger("mlkd_scale")
 
 
-def build_models(spec: RunSpec, is_main: bool) -> tuple[PreTrainedModel, PreTrainedModel, DistillationObjective]:
+def build_models(
+    spec: RunSpec, is_main: bool, tokenizer=None
+) -> tuple[PreTrainedModel, PreTrainedModel, DistillationObjective]:
     """``(teacher, student, objective)``, the models of the class the objective reads from.
 
     An objective whose terms read masked-language-model predictions (``objective.masked_lm``, the
     distilbert preset's stage 1) gets an ``AutoModelForMaskedLM`` teacher and a student of the same
     class, whose tapped ``logits`` are the MLM logits [B, L, V]; any other a bare ``AutoModel``.
     Rank 0 warns when the teacher's checkpoint lacks weights of that class (an untrained MLM head).
-    A student that cannot be initialised from this teacher is a :class:`SpecError`, raised from the
-    teacher's config before any weight is loaded.
+    A student that cannot be initialised from this teacher, and a ``tokenizer`` (the run's) or a
+    sequence length that does not fit the teacher's embeddings, are a :class:`SpecError`, raised
+    from the configs before any weight is loaded.
     """
     t_config = AutoConfig.from_pretrained(spec.teacher.path)
     problems = teacher_fit_problems(spec, t_config.to_dict(), f"teacher.path {spec.teacher.path}")
     if problems:
         raise SpecError(problems)
+    if tokenizer is not None:
+        check_model_fit(spec, tokenizer, t_config)
     model_class = AutoModelForMaskedLM if reads_masked_lm(spec) else AutoModel
     teacher = load_teacher(spec.teacher.path, spec.teacher.dtype, model_class, warn_missing=is_main)
     depth = t_config.num_hidden_layers
@@ -111,7 +117,7 @@ class Trainer:
         deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # same initial student on every rank
 
         self.tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
-        teacher, student, objective = build_models(spec, self.dist.is_main)
+        teacher, student, objective = build_models(spec, self.dist.is_main, self.tokenizer)
         self.masker = masker_for(objective, self.tokenizer, teacher.config.vocab_size, spec, self.dist.rank)
         self._micro_batch = 0  # index of the next micro batch within the step (the masks' seed)
         self.placed_teacher = place_teacher(teacher, spec.teacher, self.plan, self.dist.device)

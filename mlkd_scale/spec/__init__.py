@@ -18,7 +18,8 @@ Modules: :mod:`~mlkd_scale.spec.fields` (``StrictModel``), :mod:`~mlkd_scale.spe
 distillation's sections), :mod:`~mlkd_scale.spec.losses` (``LossesSpec``), :mod:`~mlkd_scale.spec.presets`
 (the preset names, kept light), :mod:`~mlkd_scale.spec.task` (the ``task`` section), :mod:`~mlkd_scale.spec.run`
 (``RunSpec``), :mod:`~mlkd_scale.spec.errors` (``SpecError``), :mod:`~mlkd_scale.spec.loading`
-(``load_spec``), :mod:`~mlkd_scale.spec.paths` (files a run needs), :mod:`~mlkd_scale.spec.identity`
+(``load_spec``), :mod:`~mlkd_scale.spec.paths` (files a run needs, looked at through
+:mod:`~mlkd_scale.spec.fs` and listed by :mod:`~mlkd_scale.spec.listing`), :mod:`~mlkd_scale.spec.identity`
 (``spec_hash``). Everything is importable from ``mlkd_scale.spec``.
 """
 
@@ -56,6 +57,7 @@ from mlkd_scale.spec.task import FinetuneBudget, SquadSpec, Stage1Budget, Stage2
 from mlkd_scale.spec.teacher_fit import (
     every_other_layers,
     init_layer_choice,
+    model_fit_problems,
     teacher_fit_problems,
     width_problem,
 )
@@ -94,6 +96,7 @@ __all__ = [
     "init_layer_choice",
     "load_spec",
     "looks_local",
+    "model_fit_problems",
     "one_line",
     "read_mapping",
     "spec_hash",

@@ -1,18 +1,24 @@
-"""Whether the student section fits the teacher: the rules that need the teacher's config.
+"""Whether the student section, the tokenizer and the sequence length fit the teacher: rules that need
+the teacher's config.
 
-Checked twice with the same function, :func:`teacher_fit_problems`: by ``load_spec`` (so
-``mlkd-scale validate`` reports them) when ``teacher.path`` is a local directory whose
-``config.json`` can be read, and by the engines once the teacher is loaded (a hub teacher's config
-is only known then). Both raise one :class:`~mlkd_scale.spec.SpecError` line per problem.
+Checked twice with the same functions, :func:`teacher_fit_problems` and :func:`model_fit_problems`:
+by ``load_spec`` (so ``mlkd-scale validate`` reports them) when ``teacher.path`` (or
+``student.path``) is a local directory whose ``config.json`` and tokenizer files can be read, and by
+the runs before any weight is loaded or engine is built (a hub model's config is only known then).
+Both raise one :class:`~mlkd_scale.spec.SpecError` line per problem. Without them, a tokenizer with
+more ids than the model's ``vocab_size`` ends in ``IndexError: index out of range in self`` on the
+first forward (a device-side assert on a GPU), and so does a sequence longer than its position table.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from mlkd_scale.spec.paths import _expand, _probe, looks_local
+from mlkd_scale.spec.fs import PathProblem, expand, probe
+from mlkd_scale.spec.paths import looks_local
 from mlkd_scale.spec.run import RunSpec
 from mlkd_scale.spec.sections import StudentSpec
 
@@ -89,17 +95,149 @@ def teacher_fit_problems(spec: RunSpec, teacher: Mapping[str, Any], where: str) 
     return problems
 
 
-def local_teacher_problems(spec: RunSpec) -> list[str]:
-    """:func:`teacher_fit_problems` for a local teacher directory whose ``config.json`` is readable.
+#: Model types whose position ids start after the padding index (RoBERTa's ``padding_idx + 1`` offset).
+_OFFSET_POSITIONS = frozenset(
+    {
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "longformer",
+        "data2vec-text",
+        "xmod",
+        "roberta-prelayernorm",
+        "ernie_m",
+    }
+)
 
-    Nothing for a hub name or an unreadable config (the engine checks those once it has the teacher).
+
+def usable_positions(config: Mapping[str, Any]) -> int | None:
+    """The longest sequence a model with ``config`` can embed (None when the config does not say)."""
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    if config.get("model_type") in _OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        positions -= (pad if isinstance(pad, int) else 1) + 1
+    return positions
+
+
+def sequence_length(spec: RunSpec) -> tuple[str, int]:
+    """The spec field that sets the tokens per sequence, and its value."""
+    if spec.task is not None:
+        return "task.max_seq_length", spec.task.max_seq_length
+    return "data.max_seq_length", spec.data.max_seq_length if spec.data is not None else 0
+
+
+def model_fit_problems(
+    spec: RunSpec, config: Mapping[str, Any], token_ids: int | None, field: str, where: str
+) -> list[str]:
+    """Problems of feeding the tokenizer's ids and the run's sequences to the model of ``config``.
+
+    ``token_ids`` is how many ids the tokenizer (``teacher.path``'s, the run's tokenizer) can produce,
+    its largest id + 1 (None: unknown); ``field`` the spec field of the model, ``where`` its name in
+    messages. Keys the config lacks are not checked.
     """
-    path = spec.teacher.path
-    config_file = _expand(path) / "config.json"
-    if not looks_local(path) or not _probe(config_file, "is_file"):
-        return []
+    problems = []
+    vocab = config.get("vocab_size")
+    if isinstance(token_ids, int) and isinstance(vocab, int) and token_ids > vocab:
+        problems.append(
+            f"{field}: the tokenizer of teacher.path {spec.teacher.path} produces {token_ids:,} token ids but "
+            f"{where} has vocab_size {vocab:,} (config.json), so ids {vocab:,} and up have no embedding; give "
+            "the model together with the tokenizer it was trained with, or one whose vocab_size covers it"
+        )
+    length_field, length = sequence_length(spec)
+    usable = usable_positions(config)
+    if usable is not None and length > usable:
+        problems.append(
+            f"{length_field}: {length} tokens per sequence, but {where} has max_position_embeddings "
+            f"{config['max_position_embeddings']} (config.json), room for {usable} positions; lower "
+            f"{length_field} to {usable} or less"
+        )
+    return problems
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable (the paths check reports those)."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def _int_values(mapping: Any) -> list[int]:
+    if not isinstance(mapping, dict):
         return []
-    return teacher_fit_problems(spec, config, f"teacher.path {path}") if isinstance(config, dict) else []
+    return [v for v in mapping.values() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _vocab_txt_ids(path: Path) -> list[int]:
+    try:
+        with path.open("rb") as f:
+            count = sum(1 for _ in f)
+    except OSError:
+        return []
+    return [count - 1] if count else []
+
+
+def tokenizer_id_count(directory: str | Path) -> int | None:
+    """How many token ids the tokenizer saved in ``directory`` can produce (its largest id + 1).
+
+    Read from the files ``save_pretrained`` writes, without loading ``transformers``: ``tokenizer.json``
+    (the model's vocabulary and its added tokens), else ``vocab.txt`` (WordPiece) or ``vocab.json``
+    (BPE), plus ``added_tokens.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder``. None
+    when none of them is there (e.g. a SentencePiece model file): the run checks the loaded tokenizer.
+    """
+    base = Path(directory)
+    ids: list[int] = []
+    fast = _read_json(base / "tokenizer.json")
+    if isinstance(fast, dict):
+        model = fast.get("model") if isinstance(fast.get("model"), dict) else {}
+        vocab = model.get("vocab")
+        ids += [len(vocab) - 1] if isinstance(vocab, list) and vocab else _int_values(vocab)
+        added = fast.get("added_tokens") if isinstance(fast.get("added_tokens"), list) else []
+        ids += _int_values({i: token.get("id") for i, token in enumerate(added) if isinstance(token, dict)})
+    else:
+        ids += _vocab_txt_ids(base / "vocab.txt") or _int_values(_read_json(base / "vocab.json"))
+    if not ids:
+        return None
+    ids += _int_values(_read_json(base / "added_tokens.json"))
+    config = _read_json(base / "tokenizer_config.json")
+    decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    ids += [int(key) for key in (decoder if isinstance(decoder, dict) else {}) if str(key).isdigit()]
+    return max(ids) + 1
+
+
+def _local_config(name: str | None) -> tuple[dict, Path] | None:
+    """``(config.json, directory)`` of a local model directory, or None (a hub name, or unreadable)."""
+    if not name or not looks_local(name):
+        return None
+    try:
+        directory = Path(expand("path", name))
+    except PathProblem:
+        return None
+    if not probe(str(directory / "config.json"), "file"):
+        return None
+    config = _read_json(directory / "config.json")
+    return (config, directory) if isinstance(config, dict) else None
+
+
+def local_teacher_problems(spec: RunSpec) -> list[str]:
+    """:func:`teacher_fit_problems` and :func:`model_fit_problems` for a local teacher directory
+    (and a local ``student.path``) whose ``config.json`` is readable.
+
+    Nothing for a hub name or an unreadable config (the runs check those before building anything).
+    """
+    problems = []
+    teacher = _local_config(spec.teacher.path)
+    token_ids = tokenizer_id_count(teacher[1]) if teacher is not None else None
+    if teacher is not None:
+        where = f"teacher.path {spec.teacher.path}"
+        problems += teacher_fit_problems(spec, teacher[0], where)
+        problems += model_fit_problems(spec, teacher[0], token_ids, "teacher.path", where)
+    student = _local_config(spec.student.path) if spec.student.init == "path" else None
+    if student is not None:
+        problems += model_fit_problems(
+            spec, student[0], token_ids, "student.path", f"student.path {spec.student.path}"
+        )
+    return problems
