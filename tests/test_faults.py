@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 from run_fixtures import (
+    check_ok,
     make_spec,
     per_shard,
     sample_ids,
@@ -26,6 +27,7 @@ from run_fixtures import (
     uninterrupted_ids,
     uninterrupted_per_shard,
 )
+from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.checkpoint import is_complete, read_complete, tag_for
 from mlkd_scale.engine.faults import (
@@ -37,6 +39,7 @@ from mlkd_scale.engine.faults import (
     poison_nonfinite,
 )
 from mlkd_scale.engine.reshard import UNIVERSAL
+from mlkd_scale.engine.task_stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
@@ -306,6 +309,99 @@ def test_a_lost_node_exits_4_then_the_run_resumes_on_one_rank(tmp_path, assets, 
     assert sorted(got) == [0, 1]
     for shard in (0, 1):
         assert got[shard] == expected[shard], f"shard {shard} fed other samples than an uninterrupted run"
+
+
+def _task_log(work: Path, phase: str) -> str:
+    return (work / f"{phase}.log").read_text()
+
+
+def _wait_for_run_step(proc, steps_file: Path, step: int, timeout: float = 300) -> None:
+    """Until rank 0 has reached run step ``step`` (``run_step_file`` of the fault injection)."""
+    end = time.monotonic() + timeout
+    while True:
+        lines = steps_file.read_text().split() if steps_file.exists() else []
+        if lines and int(lines[-1]) >= step:
+            return
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before run step {step}"
+        assert time.monotonic() < end, f"run step {step} not reached in {timeout} s"
+        time.sleep(0.2)
+
+
+def _task_outcome(out: Path) -> dict:
+    """What an interrupted task run must share with an uninterrupted one: each stage's result.json
+    (checkpoint paths by name), the exported student's dev report, the loss and dev curves, the
+    kept checkpoints and the weights of each stage's final checkpoint."""
+
+    def by_name(value):
+        if isinstance(value, dict):
+            return {k: Path(v).name if k == "checkpoint" else by_name(v) for k, v in value.items()}
+        return value
+
+    outcome = {"student": by_name(json.loads((out / "student" / "eval_results.json").read_text()))}
+    scalars = read_scalars(out / "tensorboard")
+    outcome["curves"] = {k: v for k, v in scalars.items() if k.startswith(("stage1/loss/", "stage2/loss/", "eval/"))}
+    weights = {}
+    for stage in ("stage1", "stage2"):
+        result = by_name(json.loads((out / stage / "result.json").read_text()))
+        ckpt = out / stage / "checkpoints"
+        outcome[stage] = {
+            "result": result,
+            "kept": sorted(p.name for p in ckpt.glob("step*")),
+            "best": json.loads((ckpt / "best.json").read_text())["tag"],
+        }
+        weights[stage] = full_state_dict(ckpt / result["final"]["checkpoint"])
+    return outcome, weights
+
+
+@launcher
+def test_task_run_preempted_then_a_rank_killed(tmp_path):
+    """Task distillation (Stage 1, 4 steps, then Stage 2, 4 steps): SIGTERM to every rank in Stage 1
+    (status 75, a checkpoint of that step), then SIGKILL of rank 1 at Stage-2 step 3; the relaunch
+    resumes Stage 2's checkpoint 2 and ends exactly as an uninterrupted run: the same dev metrics,
+    losses, results, kept checkpoints and final weights."""
+    teacher = make_task_teacher(tmp_path / "teacher", "MRPC")
+    budget = {"max_steps": 4, "lr": 1e-3}
+    overrides = {"task__stage1": budget, "task__stage2": budget, "task__eval_every_n_steps": 2,
+                 "checkpoint": {"every_n_steps": 2, "keep_last": 1}, "faults": {"preemption_grace_s": 15}}
+    runs = {}
+    for kind in ("straight", "faults"):
+        (tmp_path / kind).mkdir()
+        runs[kind] = task_spec(tmp_path / kind, teacher, "MRPC", **overrides)
+    check_ok(run_task_launcher("task_kd.py", runs["straight"]))
+
+    work, spec = tmp_path / "faults", runs["faults"]
+    out = work / "out"
+    steps = work / "run_steps"
+    proc = _start(spec, "task_sigterm", {"run_step_sleep_s": 1.0, "run_step_file": str(steps)}, script="task_kd.py")
+    _wait_for_run_step(proc, steps, 1)
+    for rank in _ranks(proc):
+        rank.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, _task_log(work, "task_sigterm")[-3000:]
+    stopped = int((out / "stage1" / "checkpoints" / "latest").read_text()[4:])
+    assert 1 <= stopped < 4 and not (out / "stage1" / "result.json").exists()
+    assert f"stopped at step {stopped} (received SIGTERM); checkpoint {tag_for(stopped)} written" in \
+        _task_log(work, "task_sigterm")
+
+    marker = work / "killed_at"
+    proc = _start(spec, "task_kill", {"kill_at_run_step": {"rank": 1, "step": 7}, "kill_marker": str(marker)},
+                  script="task_kd.py")
+    assert _exits_promptly(proc, marker) != 0
+    log = _task_log(work, "task_kill")
+    assert f"stage1/checkpoints/{tag_for(stopped)} at stage1 step {stopped}" in log, log[-3000:]
+    assert (out / "stage1" / "result.json").is_file()
+    assert (out / "stage2" / "checkpoints" / "latest").read_text() == tag_for(2)
+
+    proc = _start(spec, "task_final", script="task_kd.py")
+    assert proc.wait(timeout=600) == 0, _task_log(work, "task_final")[-3000:]
+    log = _task_log(work, "task_final")
+    assert "stage1 already finished" in log and "stage2/checkpoints/step00000002 at stage2 step 2" in log
+    assert "run finished at step 8" in log
+
+    (got, got_weights), (want, want_weights) = _task_outcome(out), _task_outcome(tmp_path / "straight" / "out")
+    assert got == want
+    for stage in ("stage1", "stage2"):
+        assert got_weights[stage].keys() == want_weights[stage].keys()
+        assert all(torch.equal(got_weights[stage][k], want_weights[stage][k]) for k in want_weights[stage]), stage
 
 
 @launcher
