@@ -1,8 +1,11 @@
 """Preemption, crashes and non-finite numbers through the real deepspeed launcher on 2 CPU ranks.
 
 Faults are injected from the test side (tests/fault_injection/sitecustomize.py, via
-run_fixtures.start_launcher). Every scenario ends with a relaunch that finishes the run, and the
-documents trained on (logging.record_sample_ids) are compared with an uninterrupted run's.
+run_fixtures.start_launcher): signals, SIGKILL in training and in every write of a checkpoint,
+a lost "node" (two ``--no_ssh`` launchers), a resume on another world size, a task run. Every
+scenario ends with a relaunch that finishes the run, and the documents trained on
+(logging.record_sample_ids) are compared with an uninterrupted run's (a task run: its results,
+curves and weights).
 """
 
 import json
@@ -311,10 +314,6 @@ def test_a_lost_node_exits_4_then_the_run_resumes_on_one_rank(tmp_path, assets, 
         assert got[shard] == expected[shard], f"shard {shard} fed other samples than an uninterrupted run"
 
 
-def _task_log(work: Path, phase: str) -> str:
-    return (work / f"{phase}.log").read_text()
-
-
 def _wait_for_run_step(proc, steps_file: Path, step: int, timeout: float = 300) -> None:
     """Until rank 0 has reached run step ``step`` (``run_step_file`` of the fault injection)."""
     end = time.monotonic() + timeout
@@ -376,24 +375,24 @@ def test_task_run_preempted_then_a_rank_killed(tmp_path):
     _wait_for_run_step(proc, steps, 1)
     for rank in _ranks(proc):
         rank.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == EXIT_PREEMPTED, _task_log(work, "task_sigterm")[-3000:]
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, _log(work, "task_sigterm")[-3000:]
     stopped = int((out / "stage1" / "checkpoints" / "latest").read_text()[4:])
     assert 1 <= stopped < 4 and not (out / "stage1" / "result.json").exists()
     assert f"stopped at step {stopped} (received SIGTERM); checkpoint {tag_for(stopped)} written" in \
-        _task_log(work, "task_sigterm")
+        _log(work, "task_sigterm")
 
     marker = work / "killed_at"
     proc = _start(spec, "task_kill", {"kill_at_run_step": {"rank": 1, "step": 7}, "kill_marker": str(marker)},
                   script="task_kd.py")
     assert _exits_promptly(proc, marker) != 0
-    log = _task_log(work, "task_kill")
+    log = _log(work, "task_kill")
     assert f"stage1/checkpoints/{tag_for(stopped)} at stage1 step {stopped}" in log, log[-3000:]
     assert (out / "stage1" / "result.json").is_file()
     assert (out / "stage2" / "checkpoints" / "latest").read_text() == tag_for(2)
 
     proc = _start(spec, "task_final", script="task_kd.py")
-    assert proc.wait(timeout=600) == 0, _task_log(work, "task_final")[-3000:]
-    log = _task_log(work, "task_final")
+    assert proc.wait(timeout=600) == 0, _log(work, "task_final")[-3000:]
+    log = _log(work, "task_final")
     assert "stage1 already finished" in log and "stage2/checkpoints/step00000002 at stage2 step 2" in log
     assert "run finished at step 8" in log
 
