@@ -85,10 +85,10 @@ def child_env(**extra: str) -> dict:
     return env
 
 
-def _launcher_cmd(spec: Path, extra: tuple, ranks: int) -> list[str]:
+def _launcher_cmd(spec: Path, extra: tuple, ranks: int, script: str = "general_kd.py") -> list[str]:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     return [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-            str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec), *extra]
+            str(REPO / "launchers" / script), "--spec", str(spec), *extra]
 
 
 def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = None, timeout: int = 600):
@@ -97,20 +97,27 @@ def run_launcher(spec: Path, *extra: str, ranks: int = 2, cwd: Path | None = Non
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_launcher(spec: Path, *extra: str, ranks: int = 2, faults: dict | None = None, log: Path | None = None):
-    """:func:`run_launcher` without waiting: a ``Popen`` (in its own session, so a test can clean up
-    the whole tree) whose stdout and stderr go to ``log`` (default ``<spec dir>/launcher.log``).
-
-    ``faults`` is handed to ``tests/fault_injection/sitecustomize.py`` in every rank (see there).
-    """
+def _fault_env(faults: dict | None) -> dict:
+    """:func:`child_env`, with ``faults`` handed to ``tests/fault_injection/sitecustomize.py``."""
     env = child_env()
     if faults:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_INJECTION), env.get("PYTHONPATH")]))
         env["MLKD_FAULTS"] = json.dumps(faults)
+    return env
+
+
+def start_launcher(spec: Path, *extra: str, ranks: int = 2, faults: dict | None = None, log: Path | None = None,
+                   script: str = "general_kd.py"):
+    """:func:`run_launcher` without waiting: a ``Popen`` (in its own session, so a test can clean up
+    the whole tree) whose stdout and stderr go to ``log`` (default ``<spec dir>/launcher.log``).
+
+    ``faults`` is handed to ``tests/fault_injection/sitecustomize.py`` in every rank (see there);
+    ``script`` is the launcher under ``launchers/`` (e.g. ``task_kd.py``).
+    """
     log = log or spec.parent / "launcher.log"
     with log.open("w") as out:
-        return subprocess.Popen(_launcher_cmd(spec, extra, ranks), cwd=spec.parent, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(_launcher_cmd(spec, extra, ranks, script), cwd=spec.parent, env=_fault_env(faults),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _free_port() -> int:
@@ -149,23 +156,74 @@ def uninterrupted_ids(spec: Path, ranks: int = 2) -> list:
     return ids
 
 
-def run_two_nodes(spec: Path, timeout: int = 600) -> list:
+def per_shard(output_dir: Path) -> dict[int, list]:
+    """Each stream shard's micro batches ``(step, doc ids)`` in step order, whichever rank's sample-id
+    file holds them (a run resumed at another world size reads a shard from another rank)."""
+    lines = []
+    for path in sorted((output_dir / "sample_ids").glob("rank*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    shards: dict[int, list] = {}
+    for line in sorted(lines, key=lambda x: x["step"]):  # stable: a rank's order within a step stays
+        shards.setdefault(line["shard"], []).append((line["step"], line["doc_ids"]))
+    return shards
+
+
+def uninterrupted_per_shard(spec: Path, ranks: int = 2) -> dict[int, list]:
+    """:func:`per_shard` of an uninterrupted ``ranks``-rank run of ``spec`` (one stream shard per rank,
+    the default), drawn in this process as :func:`uninterrupted_ids` does."""
+    from mlkd_scale.data.stream import PackedStream
+    from mlkd_scale.plan import resolve_plan
+    from mlkd_scale.spec import load_spec
+
+    run = load_spec(spec)
+    plan = resolve_plan(run, ranks)
+    tokenizer = AutoTokenizer.from_pretrained(run.teacher.path)
+    shards = {}
+    for rank in range(ranks):
+        stream = PackedStream(run.data, tokenizer, rank, ranks, run.run.seed)
+        shards[rank] = [
+            (step, json.loads(json.dumps(stream.next_batch(plan.micro_batch_size)["doc_ids"])))  # as logged
+            for step in range(1, plan.total_steps + 1)
+            for _ in range(plan.gradient_accumulation_steps)
+        ]
+    return shards
+
+
+def _two_node_cmds(spec: Path) -> list[list[str]]:
     """Two "nodes" on this machine: a 2-line hostfile and one ``deepspeed --no_ssh`` per node rank."""
     hostfile = spec.parent / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    env = child_env()
     port = str(_free_port())
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    procs = [
-        subprocess.Popen(
-            [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-             "--master_addr", "127.0.0.1", "--master_port", port,
-             str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)],
-            cwd=spec.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+    return [
+        [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+         "--master_addr", "127.0.0.1", "--master_port", port,
+         str(REPO / "launchers" / "general_kd.py"), "--spec", str(spec)]
         for rank in (0, 1)
     ]
+
+
+def run_two_nodes(spec: Path, timeout: int = 600) -> list:
+    """Both "nodes" of :func:`_two_node_cmds` to the end: ``[(output, status), ...]`` by node rank."""
+    env = child_env()
+    procs = [
+        subprocess.Popen(cmd, cwd=spec.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in _two_node_cmds(spec)
+    ]
     return [(p.communicate(timeout=timeout)[0], p.returncode) for p in procs]
+
+
+def start_two_nodes(spec: Path, faults: dict | None = None, logs: tuple[Path, Path] | None = None) -> list:
+    """:func:`run_two_nodes` without waiting, like :func:`start_launcher`: one ``Popen`` per node rank
+    (each in its own session), output in ``logs`` (default ``<spec dir>/node<r>.log``)."""
+    env = _fault_env(faults)
+    logs = logs or tuple(spec.parent / f"node{rank}.log" for rank in (0, 1))
+    procs = []
+    for cmd, log in zip(_two_node_cmds(spec), logs):
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=spec.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return procs
 
 
 def run_torchrun(spec: Path, ranks: int = 2, timeout: int = 600):

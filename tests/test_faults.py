@@ -1,8 +1,11 @@
 """Preemption, crashes and non-finite numbers through the real deepspeed launcher on 2 CPU ranks.
 
 Faults are injected from the test side (tests/fault_injection/sitecustomize.py, via
-run_fixtures.start_launcher). Every scenario ends with a relaunch that finishes the run, and the
-documents trained on (logging.record_sample_ids) are compared with an uninterrupted run's.
+run_fixtures.start_launcher): signals, SIGKILL in training and in every write of a checkpoint,
+a lost "node" (two ``--no_ssh`` launchers), a resume on another world size, a task run. Every
+scenario ends with a relaunch that finishes the run, and the documents trained on
+(logging.record_sample_ids) are compared with an uninterrupted run's (a task run: its results,
+curves and weights).
 """
 
 import json
@@ -17,21 +20,29 @@ import psutil
 import pytest
 import torch
 from run_fixtures import (
+    check_ok,
     make_spec,
+    per_shard,
     sample_ids,
     start_launcher,
+    start_two_nodes,
     state_fingerprint,
     uninterrupted_ids,
+    uninterrupted_per_shard,
 )
+from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
-from mlkd_scale.engine.checkpoint import is_complete, tag_for
+from mlkd_scale.engine.checkpoint import is_complete, read_complete, tag_for
 from mlkd_scale.engine.faults import (
     EXIT_GRACE_EXPIRED,
     EXIT_NONFINITE,
+    EXIT_PEER_LOST,
     EXIT_PREEMPTED,
     ensure_nonfinite_skipping,
     poison_nonfinite,
 )
+from mlkd_scale.engine.reshard import UNIVERSAL
+from mlkd_scale.engine.task_stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
@@ -94,9 +105,9 @@ def _latest(out) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-def _start(spec, phase: str, faults=None):
+def _start(spec, phase: str, faults=None, **kwargs):
     """start_launcher with its output in ``<spec dir>/<phase>.log`` (read back with :func:`_log`)."""
-    return start_launcher(spec, faults=faults, log=spec.parent / f"{phase}.log")
+    return start_launcher(spec, faults=faults, log=spec.parent / f"{phase}.log", **kwargs)
 
 
 def _log(tmp_path, phase: str) -> str:
@@ -124,21 +135,30 @@ def _ranks(proc) -> list[psutil.Process]:
     return sorted(ranks, key=lambda p: next(a for a in p.cmdline() if a.startswith("--local_rank")))
 
 
-def _finish(tmp_path, spec, reference_ids, resumed_from: str) -> None:
+def _finish(tmp_path, spec, reference_ids, resumed_from: str, ranks: int = 2) -> None:
     """Relaunch without faults: it resumes from ``resumed_from`` and trains exactly the documents of
-    an uninterrupted run, none lost, none twice."""
-    proc = _start(spec, "final")
+    an uninterrupted run, none lost, none twice; every step is logged once."""
+    proc = _start(spec, "final", ranks=ranks)
     assert proc.wait(timeout=600) == 0, _log(tmp_path, "final")[-3000:]
-    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / resumed_from}" in _log(tmp_path, "final")
+    assert f"resumed from {tmp_path / 'out' / 'checkpoints' / resumed_from} " in _log(tmp_path, "final")
     ids = sample_ids(tmp_path / "out")
     assert len(ids) == len(set(ids)), "a document was trained on twice"
     assert sorted(ids) == sorted(reference_ids), "documents were lost or added by the interruptions"
+    logged = [s for s, _ in read_scalars(tmp_path / "out" / "tensorboard")["loss/total"]]
+    assert logged == list(range(1, STEPS + 1)), "TensorBoard kept steps of a crashed launch"
+
+
+def _exits_promptly(proc, marker: Path, timeout: float = 600) -> int:
+    """``proc``'s exit status, after asserting that it ended within 30 s of the kill ``marker``."""
+    status = proc.wait(timeout=timeout)
+    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
+    return status
 
 
 @launcher
 def test_preemption(tmp_path, assets, reference_ids):
-    """SIGTERM to the deepspeed command, then to every rank (as Slurm does), then a checkpoint that
-    outlives the grace period; then a relaunch finishes the run."""
+    """SIGTERM to the deepspeed command, then to every rank (as Slurm does), then SIGUSR1 to every
+    rank, then a checkpoint that outlives the grace period; then a relaunch finishes the run."""
     grace = 8
     spec = _spec(tmp_path, assets, faults__preemption_grace_s=grace)
     out = tmp_path / "out"
@@ -170,43 +190,217 @@ def test_preemption(tmp_path, assets, reference_ids):
     second = _latest(out)
     assert stopped_at < int(second[4:]) < STEPS - 1 and is_complete(out / "checkpoints" / second)
 
-    # 3. SIGTERM to rank 0 only, with rank 1's checkpoint write slower than the grace period: both
+    # 3. SIGUSR1 to every rank: the same stop as SIGTERM.
+    proc = _start(spec, "ranks_sigusr1", {"step_sleep_s": 1.0})
+    _wait_for_step(proc, out, int(second[4:]) + 1)
+    signalled = time.monotonic()
+    for rank in _ranks(proc):
+        rank.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=grace + 30) == EXIT_PREEMPTED, _log(tmp_path, "ranks_sigusr1")[-3000:]
+    assert time.monotonic() - signalled < grace + 15
+    third = _latest(out)
+    assert int(second[4:]) < int(third[4:]) < STEPS - 1 and is_complete(out / "checkpoints" / third)
+    log = _log(tmp_path, "ranks_sigusr1")
+    assert "rank 0: received SIGUSR1" in log and "rank 1: received SIGUSR1" in log
+    assert f"checkpoint {third} written; relaunch to continue (exit status 75)" in log
+
+    # 4. SIGTERM to rank 0 only, with rank 1's checkpoint write slower than the grace period: both
     # exit with 76 at the deadline and `latest` keeps the previous checkpoint.
     proc = _start(spec, "grace_expired", {"step_sleep_s": 1.0, "slow_save_s": {"rank": 1, "seconds": 120}})
-    _wait_for_step(proc, out, int(second[4:]) + 1)
+    _wait_for_step(proc, out, int(third[4:]) + 1)
     signalled = time.monotonic()
     _ranks(proc)[0].send_signal(signal.SIGTERM)
     assert proc.wait(timeout=grace + 60) == EXIT_GRACE_EXPIRED, _log(tmp_path, "grace_expired")[-3000:]
     assert time.monotonic() - signalled < grace + 15
-    assert _latest(out) == second
+    assert _latest(out) == third
     assert "grace period of 8 s" in _log(tmp_path, "grace_expired")
 
-    _finish(tmp_path, spec, reference_ids, resumed_from=second)
+    _finish(tmp_path, spec, reference_ids, resumed_from=third)
+
+
+def _optim_shards(tag_dir: Path, rank: int) -> list[Path]:
+    """Rank ``rank``'s DeepSpeed optimizer shard of ``tag_dir``, and any temporary file of it."""
+    return sorted(tag_dir.glob(f"*_rank_{rank}_*optim_states.pt*"))
 
 
 @launcher
-def test_rank_killed_in_training_and_in_a_checkpoint_write(tmp_path, assets, reference_ids):
-    """SIGKILL of rank 1 after step 5, then (relaunched) while it writes checkpoint 6: `latest` stays
-    on a complete checkpoint, rank 0 exits promptly with a message, the relaunch resumes."""
+def test_rank_killed_in_training_and_in_every_write_of_a_checkpoint(tmp_path, assets, reference_ids):
+    """SIGKILL of rank 1 after step 5, then (relaunched each time) in every write of checkpoint 6:
+    rank 1's rank_state file, rank 1's DeepSpeed optimizer shard (left truncated), rank 0's COMPLETE
+    (before its rename) and rank 0's `latest` (after COMPLETE is committed). Each time the other rank
+    exits promptly and `latest` stays on checkpoint 3, a complete one; the relaunch resumes from it."""
     spec = _spec(tmp_path, assets)
     out = tmp_path / "out"
+    six = out / "checkpoints" / tag_for(6)
 
     marker = tmp_path / "killed_at"
     proc = _start(spec, "kill_in_training", {"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)})
-    assert proc.wait(timeout=600) != 0
-    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
+    assert _exits_promptly(proc, marker) != 0
     assert _latest(out) == tag_for(3)
     log = _log(tmp_path, "kill_in_training")
     assert "lost the other ranks" in log or "received SIGTERM" in log, log[-3000:]
 
     proc = _start(spec, "kill_in_save", {"kill_in_save": {"rank": 1, "step": 6}, "kill_marker": str(marker)})
-    assert proc.wait(timeout=600) != 0
-    assert time.time() - float(marker.read_text()) < 30, "the other rank did not exit promptly"
+    assert _exits_promptly(proc, marker) != 0
     assert _latest(out) == tag_for(3), "latest moved to a checkpoint a rank did not finish"
-    assert (out / "checkpoints" / tag_for(6)).is_dir() and not is_complete(out / "checkpoints" / tag_for(6))
+    assert six.is_dir() and not is_complete(six)
+    (shard,) = _optim_shards(six, 1)
+    full_size = shard.stat().st_size  # rank 1's shard was written whole before its rank_state
 
+    # DeepSpeed's shard write: half of rank 1's optimizer shard on disk, then SIGKILL
+    proc = _start(spec, "kill_in_shard",
+                  {"kill_in_shard": {"rank": 1, "step": 6, "file": "optim_states"}, "kill_marker": str(marker)})
+    assert _exits_promptly(proc, marker) != 0
+    assert _latest(out) == tag_for(3) and not is_complete(six)
+    (shard,) = _optim_shards(six, 1)
+    assert 0 < shard.stat().st_size < full_size, "the shard was not left truncated"
+    with pytest.raises(Exception):  # noqa: B017 (any error of a truncated pickle/zip)
+        torch.load(shard, map_location="cpu", weights_only=False)
+    assert not (six / "rank_state" / "rank00001.pt").exists()
+
+    # rank 0 dies in the commit: every rank's files are on disk, COMPLETE is not
+    proc = _start(spec, "kill_in_complete",
+                  {"kill_in_commit": {"rank": 0, "step": 6, "file": "COMPLETE"}, "kill_marker": str(marker)})
+    assert _exits_promptly(proc, marker) != 0
+    assert _latest(out) == tag_for(3) and not is_complete(six)
+    assert sorted(p.name for p in (six / "rank_state").iterdir()) == ["rank00000.pt", "rank00001.pt"]
+
+    # ... and after COMPLETE, while writing `latest`: checkpoint 6 is complete, `latest` names 3
+    proc = _start(spec, "kill_in_latest",
+                  {"kill_in_commit": {"rank": 0, "step": 6, "file": "latest"}, "kill_marker": str(marker)})
+    assert _exits_promptly(proc, marker) != 0
+    assert is_complete(six) and _latest(out) == tag_for(3)
+    committed = read_complete(six)["time"]
+
+    # `latest` names the checkpoint to resume whenever it is complete (README: "relaunch to resume
+    # from it"), so the relaunch goes back to 3, trains 4-6 again and writes checkpoint 6 anew.
     _finish(tmp_path, spec, reference_ids, resumed_from=tag_for(3))
-    assert is_complete(out / "checkpoints" / tag_for(6))  # written again by the relaunch
+    assert is_complete(six) and read_complete(six)["time"] > committed
+
+
+@launcher
+def test_a_lost_node_exits_4_then_the_run_resumes_on_one_rank(tmp_path, assets, reference_ids):
+    """Two "nodes" (one rank each, a hostfile, ``--no_ssh``): SIGKILL of node 1's rank after step 5.
+    No launcher of node 0 hears of it, so rank 0 finds out itself at its next collective and exits
+    with status 4 and its message. The relaunch on ONE rank (accumulation doubled, the same global
+    batch) resumes checkpoint 3 through a universal checkpoint: each stream shard feeds exactly the
+    micro batches, in the same steps, of an uninterrupted 2-rank run."""
+    spec = _spec(tmp_path, assets)
+    out = tmp_path / "out"
+    expected = uninterrupted_per_shard(spec)
+    marker = tmp_path / "killed_at"
+    nodes = start_two_nodes(spec, {"kill_at_step": {"rank": 1, "step": 5}, "kill_marker": str(marker)},
+                            logs=(tmp_path / "node0.log", tmp_path / "node1.log"))
+    try:
+        status = _exits_promptly(nodes[0], marker)
+        nodes[1].wait(timeout=60)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    log = _log(tmp_path, "node0")
+    assert status == EXIT_PEER_LOST, log[-3000:]
+    assert "rank 0 lost the other ranks after step 5 (a rank died, or a collective ran past " in log, log[-3000:]
+    assert f"`latest` names the last complete checkpoint ({tag_for(3)}); relaunch to resume from it" in log
+    assert nodes[1].returncode != 0 and _latest(out) == tag_for(3)
+
+    spec = _spec(tmp_path, assets, train__gradient_accumulation_steps=4)  # 1 rank: same global batch
+    _finish(tmp_path, spec, reference_ids, resumed_from=tag_for(3), ranks=1)
+    assert (out / "checkpoints" / tag_for(3) / UNIVERSAL).is_dir()
+    assert read_complete(out / "checkpoints" / tag_for(STEPS))["world_size"] == 1
+    got = per_shard(out)
+    assert sorted(got) == [0, 1]
+    for shard in (0, 1):
+        assert got[shard] == expected[shard], f"shard {shard} fed other samples than an uninterrupted run"
+
+
+def _wait_for_run_step(proc, steps_file: Path, step: int, timeout: float = 300) -> None:
+    """Until rank 0 has reached run step ``step`` (``run_step_file`` of the fault injection)."""
+    end = time.monotonic() + timeout
+    while True:
+        lines = steps_file.read_text().split() if steps_file.exists() else []
+        if lines and int(lines[-1]) >= step:
+            return
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before run step {step}"
+        assert time.monotonic() < end, f"run step {step} not reached in {timeout} s"
+        time.sleep(0.2)
+
+
+def _task_outcome(out: Path) -> dict:
+    """What an interrupted task run must share with an uninterrupted one: each stage's result.json
+    (checkpoint paths by name), the exported student's dev report, the loss and dev curves, the
+    kept checkpoints and the weights of each stage's final checkpoint."""
+
+    def by_name(value):
+        if isinstance(value, dict):
+            return {k: Path(v).name if k == "checkpoint" else by_name(v) for k, v in value.items()}
+        return value
+
+    outcome = {"student": by_name(json.loads((out / "student" / "eval_results.json").read_text()))}
+    scalars = read_scalars(out / "tensorboard")
+    outcome["curves"] = {k: v for k, v in scalars.items() if k.startswith(("stage1/loss/", "stage2/loss/", "eval/"))}
+    weights = {}
+    for stage in ("stage1", "stage2"):
+        result = by_name(json.loads((out / stage / "result.json").read_text()))
+        ckpt = out / stage / "checkpoints"
+        outcome[stage] = {
+            "result": result,
+            "kept": sorted(p.name for p in ckpt.glob("step*")),
+            "best": json.loads((ckpt / "best.json").read_text())["tag"],
+        }
+        weights[stage] = full_state_dict(ckpt / result["final"]["checkpoint"])
+    return outcome, weights
+
+
+@launcher
+def test_task_run_preempted_then_a_rank_killed(tmp_path):
+    """Task distillation (Stage 1, 4 steps, then Stage 2, 4 steps): SIGTERM to every rank in Stage 1
+    (status 75, a checkpoint of that step), then SIGKILL of rank 1 at Stage-2 step 3; the relaunch
+    resumes Stage 2's checkpoint 2 and ends exactly as an uninterrupted run: the same dev metrics,
+    losses, results, kept checkpoints and final weights."""
+    teacher = make_task_teacher(tmp_path / "teacher", "MRPC")
+    budget = {"max_steps": 4, "lr": 1e-3}
+    overrides = {"task__stage1": budget, "task__stage2": budget, "task__eval_every_n_steps": 2,
+                 "checkpoint": {"every_n_steps": 2, "keep_last": 1}, "faults": {"preemption_grace_s": 15}}
+    runs = {}
+    for kind in ("straight", "faults"):
+        (tmp_path / kind).mkdir()
+        runs[kind] = task_spec(tmp_path / kind, teacher, "MRPC", **overrides)
+    check_ok(run_task_launcher("task_kd.py", runs["straight"]))
+
+    work, spec = tmp_path / "faults", runs["faults"]
+    out = work / "out"
+    steps = work / "run_steps"
+    proc = _start(spec, "task_sigterm", {"run_step_sleep_s": 1.0, "run_step_file": str(steps)}, script="task_kd.py")
+    _wait_for_run_step(proc, steps, 1)
+    for rank in _ranks(proc):
+        rank.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, _log(work, "task_sigterm")[-3000:]
+    stopped = int((out / "stage1" / "checkpoints" / "latest").read_text()[4:])
+    assert 1 <= stopped < 4 and not (out / "stage1" / "result.json").exists()
+    assert f"stopped at step {stopped} (received SIGTERM); checkpoint {tag_for(stopped)} written" in \
+        _log(work, "task_sigterm")
+
+    marker = work / "killed_at"
+    proc = _start(spec, "task_kill", {"kill_at_run_step": {"rank": 1, "step": 7}, "kill_marker": str(marker)},
+                  script="task_kd.py")
+    assert _exits_promptly(proc, marker) != 0
+    log = _log(work, "task_kill")
+    assert f"stage1/checkpoints/{tag_for(stopped)} at stage1 step {stopped}" in log, log[-3000:]
+    assert (out / "stage1" / "result.json").is_file()
+    assert (out / "stage2" / "checkpoints" / "latest").read_text() == tag_for(2)
+
+    proc = _start(spec, "task_final", script="task_kd.py")
+    assert proc.wait(timeout=600) == 0, _log(work, "task_final")[-3000:]
+    log = _log(work, "task_final")
+    assert "stage1 already finished" in log and "stage2/checkpoints/step00000002 at stage2 step 2" in log
+    assert "run finished at step 8" in log
+
+    (got, got_weights), (want, want_weights) = _task_outcome(out), _task_outcome(tmp_path / "straight" / "out")
+    assert got == want
+    for stage in ("stage1", "stage2"):
+        assert got_weights[stage].keys() == want_weights[stage].keys()
+        assert all(torch.equal(got_weights[stage][k], want_weights[stage][k]) for k in want_weights[stage]), stage
 
 
 @launcher
