@@ -136,6 +136,16 @@ def test_crash_before_complete_keeps_latest_and_is_cleaned_up(tmp_path):
     assert tags(tmp_path) == ["step00000001", "step00000003"]
 
 
+def test_temp_files_of_a_cut_commit_are_removed_by_the_next_save(tmp_path):
+    ckpt = manager(tmp_path)
+    engine = h.make_engine(0, seed=0)
+    ckpt.save(engine, step=1, client_state={}, rank_state={})
+    (tmp_path / ".latest.abc123.tmp").write_text("step0000")  # rank 0 killed inside atomic_write
+    (tmp_path / ".best.json.xyz.tmp").write_text("{")
+    ckpt.save(engine, step=2, client_state={}, rank_state={})
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_hand_made_incomplete_dir_is_ignored_then_removed(tmp_path):
     ckpt = manager(tmp_path)
     engine = h.make_engine(0, seed=0)

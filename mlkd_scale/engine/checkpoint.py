@@ -186,6 +186,9 @@ class CheckpointManager:
             if s < keep_step and not is_complete(path):
                 log.info("removing incomplete checkpoint %s (left by a crash)", path)
                 shutil.rmtree(path, ignore_errors=True)
+        for name in (LATEST, BEST):  # temp files of a commit a crash cut short (only rank 0 writes them)
+            for debris in self.ckpt_dir.glob(f".{name}.*.tmp"):
+                debris.unlink(missing_ok=True)
 
     # -- the pinned best checkpoint
 
