@@ -11,6 +11,10 @@ then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_sta
   into the Stage-2 module before DeepSpeed wraps it, so it does not matter whether Stage 1 ran in
   this process or in an earlier launch).
 
+The teacher's features for each stage are computed once, before its first step, and read back by
+sample index in every epoch (``teacher.cache``, :mod:`~mlkd_scale.engine.teacher_cache`), unless they
+exceed ``teacher.cache_max_gib``: then that stage runs the live teacher on every batch.
+
 A finished stage (its ``result.json``) is skipped on relaunch; an unfinished one resumes exactly.
 At the end the best checkpoint of the last stage (Stage 2 normally), chosen on dev by the task's
 main metric, is exported with its head to ``<output_dir>/student`` with ``eval_results.json``.
@@ -51,6 +55,7 @@ from mlkd_scale.engine.task_stage import (
     TaskStage,
     full_state_dict,
 )
+from mlkd_scale.engine.teacher_cache import TeacherCache, open_teacher_cache, teacher_fingerprint
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
@@ -137,6 +142,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         teacher, order = load_qa_teacher(spec.teacher.path, spec.teacher.dtype), None
     else:
         teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
+    teacher_id = teacher_fingerprint(teacher, device) if spec.teacher.cache else None  # before placement
     placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
     ctx.print(placed_teacher.describe())
 
@@ -184,12 +190,20 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
             raise SpecError(str(error)) from None
         tap = FeatureTap(teacher, module.objective.teacher_request())
+        cache = None
+        if spec.teacher.cache:
+            cache = open_teacher_cache(ctx, name, tap, train, teacher_id)
+        else:
+            ctx.print(f"{name}: live teacher (teacher.cache is false)")
 
-        def make_loss(engine, tap: FeatureTap = tap):
+        def make_loss(engine, tap: FeatureTap = tap, cache: TeacherCache | None = cache):
             def loss(batch: dict):
                 inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-                with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
-                    features = tap(**inputs)
+                if cache is not None:  # the same features, read by sample index (engine/teacher_cache.py)
+                    features = cache.features(batch["index"])
+                else:
+                    with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
+                        features = tap(**inputs)
                 if order is not None and features.logits is not None:
                     features.logits = features.logits[:, order]
                 if qa:  # no class labels; the start/end distributions are taken over span_mask
