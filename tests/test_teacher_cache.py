@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -332,6 +333,33 @@ def test_a_resumed_cached_run_reuses_its_cache_and_has_the_live_runs_losses(tmp_
     assert cached == live
     result = json.loads((tmp_path / "cached" / "out" / "stage2" / "result.json").read_text())
     assert [e["steps"] for e in result["epoch_seconds"]] == [1]  # this launch ran step 3 of stage 2 only
+
+
+def test_augmented_stage1_data_is_cached_or_falls_back_by_size(tmp_path: Path, world, capsys) -> None:
+    from test_task_data import _CopyAugmenter
+
+    from mlkd_scale.data.augment import augment_dataset
+    from mlkd_scale.data.augment_inputs import TASKS as AUGMENT_TASKS
+    from mlkd_scale.data.augment_inputs import read_examples
+
+    preset = AUGMENT_TASKS["sst-2"]
+    examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)
+    augment_dataset(examples, tmp_path / "aug", _CopyAugmenter())  # 2 variants of each of the 12 examples
+    teacher = make_task_teacher(tmp_path / "teacher", "SST-2")
+    budget = {"max_steps": 1, "lr": 1e-3}
+    # per example: embeddings + 2 context + 2 hidden layers of [32, 48] in fp16 = 15,360 bytes
+    for kind, limit in (("fits", 4.0), ("small", 20 * 15360 / 2**30)):
+        (tmp_path / kind).mkdir()
+        spec = task_spec(tmp_path / kind, teacher, "SST-2", task__augmented_dir=str(tmp_path / "aug"),
+                         task__stage1=budget, task__stage2=budget, teacher__cache_max_gib=limit)
+        run_task_kd(load_spec(spec), dist=world)
+        out = capsys.readouterr().out
+        assert re.search(r"stage2: teacher cache built in [\d.]+ s \(cls, logits of 12 examples\)", out)
+        if kind == "fits":
+            assert re.search(r"stage1: teacher cache built in [\d.]+ s \(embeddings, context x2, hidden x2 of 24 "
+                             r"examples; per-token 0.35 MiB in float16\)", out)
+        else:
+            assert "stage1: live teacher: the per-token features its losses read take 0.35 MiB over 24 examples" in out
 
 
 def test_two_ranks_each_compute_a_shard_and_train_as_the_live_teacher(tmp_path: Path) -> None:

@@ -326,7 +326,7 @@ def open_teacher_cache(
         return TeacherCache([{}] * info.world_size, {}, {}, info.device)
     size, limit = token_bytes(fields, len(split)), spec.teacher.cache_max_gib
     if size > limit * 2**30:
-        ctx.print(f"{stage}: live teacher: the per-token features its losses read take {size / 2**30:.2f} GiB "
+        ctx.print(f"{stage}: live teacher: the per-token features its losses read take {_size_text(size)} "
                   f"over {len(split):,} examples, more than teacher.cache_max_gib = {limit:g}")
         return None
     key, parts = _key(ctx, stage, tap, split, teacher_id, fields)
@@ -351,13 +351,17 @@ def open_teacher_cache(
     return TeacherCache(shards, fields, live, info.device, directory)
 
 
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.2f} MiB"
+
+
 def _report(ctx, stage: str, directory: Path, fields: dict[str, FieldSpec], rows: int, size: int,
             seconds: float | None) -> None:
     kinds = Counter(name.split(".")[0] for name in fields)
     what = ", ".join(kind if n == 1 else f"{kind} x{n}" for kind, n in kinds.items()) + f" of {rows:,} examples"
     dtypes = sorted({spec.dtype for name, spec in fields.items() if name not in POOLED})
     if dtypes:
-        what += f"; per-token {size / 2**20:,.1f} MiB in {', '.join(dtypes)}"
+        what += f"; per-token {_size_text(size)} in {', '.join(dtypes)}"
     if seconds is None:
         ctx.print(f"{stage}: teacher cache reused ({what}): {directory}")
         return
