@@ -133,6 +133,46 @@ def stage2_module_from_stage1(teacher: PreTrainedModel, module_factory, stage1: 
     return module
 
 
+def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[int] | None, qa: bool) -> dict:
+    """The teacher's dev metrics (computed once per run, cached in ``teacher_eval.json``), printed."""
+    spec = ctx.spec
+
+    def teacher_logits(inputs: dict) -> torch.Tensor:
+        logits = head_logits(teacher(**inputs))
+        return logits if order is None else logits[:, order]
+
+    key = {"teacher": str(Path(spec.teacher.path).absolute()), "max_seq_length": spec.task.max_seq_length}
+    if qa:  # windows, post-processing and data all shape the teacher's SQuAD scores
+        key.update(spec.task.model_dump(mode="json", include={"name", "data_dir", "squad"}))
+    teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
+    ctx.print(metrics_line("teacher", teacher_dev))
+    return teacher_dev
+
+
+def stage_loss(tap: FeatureTap, cache: TeacherCache | None, order: list[int] | None, qa: bool):
+    """``make_loss(engine)`` of a distillation stage: the teacher's features of each micro batch from
+    the stage's teacher cache by sample index (:mod:`~mlkd_scale.engine.teacher_cache`) or, without
+    one, from the live teacher through ``tap``; logits put in our label order; the engine's objective."""
+
+    def make_loss(engine):
+        def loss(batch: dict):
+            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+            if cache is not None:
+                features = cache.features(batch["index"])
+            else:
+                with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
+                    features = tap(**inputs)
+            if order is not None and features.logits is not None:
+                features.logits = features.logits[:, order]
+            if qa:  # no class labels; the start/end distributions are taken over span_mask
+                return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
+            return engine(inputs, features, batch["labels"])
+
+        return loss
+
+    return make_loss
+
+
 def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None) -> dict:
     """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
     ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
@@ -146,15 +186,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
     placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
     ctx.print(placed_teacher.describe())
 
-    def teacher_logits(inputs: dict) -> torch.Tensor:
-        logits = head_logits(teacher(**inputs))
-        return logits if order is None else logits[:, order]
-
-    key = {"teacher": str(Path(spec.teacher.path).absolute()), "max_seq_length": spec.task.max_seq_length}
-    if qa:  # windows, post-processing and data all shape the teacher's SQuAD scores
-        key.update(spec.task.model_dump(mode="json", include={"name", "data_dir", "squad"}))
-    teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
-    ctx.print(metrics_line("teacher", teacher_dev))
+    teacher_dev = teacher_dev_metrics(ctx, teacher, order, qa)
     layer_map = resolve_layer_mapping(
         spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
     )
@@ -190,32 +222,13 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
             raise SpecError(str(error)) from None
         tap = FeatureTap(teacher, module.objective.teacher_request())
-        cache = None
-        if spec.teacher.cache:
-            cache = open_teacher_cache(ctx, name, tap, train, teacher_id)
-        else:
+        cache = open_teacher_cache(ctx, name, tap, train, teacher_id) if spec.teacher.cache else None
+        if not spec.teacher.cache:
             ctx.print(f"{name}: live teacher (teacher.cache is false)")
-
-        def make_loss(engine, tap: FeatureTap = tap, cache: TeacherCache | None = cache):
-            def loss(batch: dict):
-                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-                if cache is not None:  # the same features, read by sample index (engine/teacher_cache.py)
-                    features = cache.features(batch["index"])
-                else:
-                    with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
-                        features = tap(**inputs)
-                if order is not None and features.logits is not None:
-                    features.logits = features.logits[:, order]
-                if qa:  # no class labels; the start/end distributions are taken over span_mask
-                    return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
-                return engine(inputs, features, batch["labels"])
-
-            return loss
-
         setup = StageSetup(
             name=name,
             module=module,
-            make_loss=make_loss,
+            make_loss=stage_loss(tap, cache, order, qa),
             make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
             train=train,
             budget=budget,
@@ -231,6 +244,11 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         offset, result = offset + outcome["result"]["steps"], outcome["result"]
         results[name] = result
 
+    return finish_run(ctx, offset, result, results, teacher_dev)
+
+
+def finish_run(ctx: TaskContext, offset: int, result: dict, results: dict, teacher_dev: dict) -> dict:
+    """Export the last stage's best student and print (and return) the run's summary."""
     out_dir = export_best(ctx, result, "student", {"teacher_dev": teacher_dev})
     lines = [metrics_line("teacher", teacher_dev)]
     for name, res in results.items():

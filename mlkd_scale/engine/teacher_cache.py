@@ -39,8 +39,13 @@ samples would run the teacher world-size times over.
 Build: before the stage's first step, each rank runs the stage's own ``FeatureTap`` over its shard in
 batches of ``task.eval_batch_size``. A killed build resumes after the last committed batch of the
 slowest rank — every rank restarts at the same batch because a ZeRO-3 teacher's forward is collective
-(the other ranks then run the forward without writing). A resumed or later launch finds the shards
-COMPLETE for its key and reuses them; a shard that is not is rebuilt, never trusted.
+(the other ranks then run the forward without writing). Rows after a shard's last commit are always
+recomputed (the commit is recorded only after the rows before it were fsynced); a shard whose key,
+fields or file sizes do not match is deleted and rebuilt, never read. A resumed or later launch finds
+every shard COMPLETE for its key and reuses them without running the teacher.
+
+Memory: the size rule bounds the whole cache (all shards), since every rank maps all of them; the
+mapped pages are the operating system's page cache, shared by the ranks of a node.
 
 Exactness: a batch's features are gathered by sample index from rows the same teacher computed for
 the same inputs. Stored in ``teacher.dtype`` they equal the live teacher's bit for bit where the
