@@ -270,6 +270,17 @@ def test_the_size_rule_the_switch_and_a_stage_that_reads_nothing(tmp_path: Path,
     assert run_task_kd(load_spec(spec), dist=world)["finished"]
 
 
+def test_the_spec_fields_have_their_defaults_and_reject_bad_values(tmp_path: Path) -> None:
+    teacher_dir = make_task_teacher(tmp_path / "teacher", "SST-2")
+    teacher = load_spec(task_spec(tmp_path, teacher_dir, "SST-2")).teacher
+    assert (teacher.cache, teacher.cache_max_gib, teacher.cache_dtype) == (True, 4.0, "auto")
+    bad = task_spec(tmp_path, teacher_dir, "SST-2", path=tmp_path / "bad.json", teacher__cache_max_gib=-1,
+                    teacher__cache_dtype="fp8")
+    with pytest.raises(SpecError) as error:
+        load_spec(bad)
+    assert "teacher.cache_max_gib" in str(error.value) and "teacher.cache_dtype" in str(error.value)
+
+
 def test_storage_saturates_the_mask_marker_and_refuses_overflow() -> None:
     scores = torch.tensor([[1.5, torch.finfo(torch.float32).min, -3.0]])
     stored = from_storage(to_storage(scores, "float16"), "float16")
