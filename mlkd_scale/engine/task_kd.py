@@ -11,6 +11,10 @@ then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_sta
   into the Stage-2 module before DeepSpeed wraps it, so it does not matter whether Stage 1 ran in
   this process or in an earlier launch).
 
+The teacher's features for each stage are computed once, before its first step, and read back by
+sample index in every epoch (``teacher.cache``, :mod:`~mlkd_scale.engine.teacher_cache`), unless they
+exceed ``teacher.cache_max_gib``: then that stage runs the live teacher on every batch.
+
 A finished stage (its ``result.json``) is skipped on relaunch; an unfinished one resumes exactly.
 At the end the best checkpoint of the last stage (Stage 2 normally), chosen on dev by the task's
 main metric, is exported with its head to ``<output_dir>/student`` with ``eval_results.json``.
@@ -51,6 +55,7 @@ from mlkd_scale.engine.task_stage import (
     TaskStage,
     full_state_dict,
 )
+from mlkd_scale.engine.teacher_cache import TeacherCache, open_teacher_cache, teacher_fingerprint
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
@@ -128,17 +133,9 @@ def stage2_module_from_stage1(teacher: PreTrainedModel, module_factory, stage1: 
     return module
 
 
-def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None) -> dict:
-    """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
-    ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
-    task, device = ctx.task, ctx.dist.device
-    qa = is_squad_task(task)
-    if qa:
-        teacher, order = load_qa_teacher(spec.teacher.path, spec.teacher.dtype), None
-    else:
-        teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
-    placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
-    ctx.print(placed_teacher.describe())
+def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[int] | None, qa: bool) -> dict:
+    """The teacher's dev metrics (computed once per run, cached in ``teacher_eval.json``), printed."""
+    spec = ctx.spec
 
     def teacher_logits(inputs: dict) -> torch.Tensor:
         logits = head_logits(teacher(**inputs))
@@ -149,6 +146,47 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         key.update(spec.task.model_dump(mode="json", include={"name", "data_dir", "squad"}))
     teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
     ctx.print(metrics_line("teacher", teacher_dev))
+    return teacher_dev
+
+
+def stage_loss(tap: FeatureTap, cache: TeacherCache | None, order: list[int] | None, qa: bool):
+    """``make_loss(engine)`` of a distillation stage: the teacher's features of each micro batch from
+    the stage's teacher cache by sample index (:mod:`~mlkd_scale.engine.teacher_cache`) or, without
+    one, from the live teacher through ``tap``; logits put in our label order; the engine's objective."""
+
+    def make_loss(engine):
+        def loss(batch: dict):
+            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+            if cache is not None:
+                features = cache.features(batch["index"])
+            else:
+                with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
+                    features = tap(**inputs)
+            if order is not None and features.logits is not None:
+                features.logits = features.logits[:, order]
+            if qa:  # no class labels; the start/end distributions are taken over span_mask
+                return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
+            return engine(inputs, features, batch["labels"])
+
+        return loss
+
+    return make_loss
+
+
+def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None) -> dict:
+    """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
+    ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
+    task, device = ctx.task, ctx.dist.device
+    qa = is_squad_task(task)
+    if qa:
+        teacher, order = load_qa_teacher(spec.teacher.path, spec.teacher.dtype), None
+    else:
+        teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
+    teacher_id = teacher_fingerprint(teacher, device) if spec.teacher.cache else None  # before placement
+    placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
+    ctx.print(placed_teacher.describe())
+
+    teacher_dev = teacher_dev_metrics(ctx, teacher, order, qa)
     layer_map = resolve_layer_mapping(
         spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
     )
@@ -184,24 +222,13 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
             raise SpecError(str(error)) from None
         tap = FeatureTap(teacher, module.objective.teacher_request())
-
-        def make_loss(engine, tap: FeatureTap = tap):
-            def loss(batch: dict):
-                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-                with torch.no_grad():  # not inference_mode: losses keep teacher tensors for backward
-                    features = tap(**inputs)
-                if order is not None and features.logits is not None:
-                    features.logits = features.logits[:, order]
-                if qa:  # no class labels; the start/end distributions are taken over span_mask
-                    return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
-                return engine(inputs, features, batch["labels"])
-
-            return loss
-
+        cache = open_teacher_cache(ctx, name, tap, train, teacher_id) if spec.teacher.cache else None
+        if not spec.teacher.cache:
+            ctx.print(f"{name}: live teacher (teacher.cache is false)")
         setup = StageSetup(
             name=name,
             module=module,
-            make_loss=make_loss,
+            make_loss=stage_loss(tap, cache, order, qa),
             make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
             train=train,
             budget=budget,
@@ -217,6 +244,11 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         offset, result = offset + outcome["result"]["steps"], outcome["result"]
         results[name] = result
 
+    return finish_run(ctx, offset, result, results, teacher_dev)
+
+
+def finish_run(ctx: TaskContext, offset: int, result: dict, results: dict, teacher_dev: dict) -> dict:
+    """Export the last stage's best student and print (and return) the run's summary."""
     out_dir = export_best(ctx, result, "student", {"teacher_dev": teacher_dev})
     lines = [metrics_line("teacher", teacher_dev)]
     for name, res in results.items():

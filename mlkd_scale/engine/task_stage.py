@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -40,6 +41,7 @@ from mlkd_scale.engine.checkpoint import (
 )
 from mlkd_scale.engine.checkpoint_files import read_json_record
 from mlkd_scale.engine.distributed import DistInfo
+from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
@@ -166,6 +168,7 @@ class TaskStage:
         self.eval_history: list[tuple[int, dict]] = []
         self.best: dict | None = None  # {"step", "value", "metrics"}
         self._resume()
+        self.clock = EpochClock(len(setup.train), self.plan.global_batch_size, get_accelerator().synchronize)
         self.logger = TensorBoardLogger(
             spec.logging.tensorboard_dir or ctx.output_dir / "tensorboard",
             enabled=info.is_main,
@@ -221,7 +224,9 @@ class TaskStage:
     # ---- the loop -------------------------------------------------------------------------------
 
     def _next_batch(self) -> dict:
-        return self.setup.train.batch(self.sampler.next_indices(), self.ctx.dist.device)
+        """The next micro batch; ``index`` [B] holds its samples' rows in the split (the teacher cache's key)."""
+        indices = self.sampler.next_indices()
+        return {**self.setup.train.batch(indices, self.ctx.dist.device), "index": torch.as_tensor(indices)}
 
     def run(self) -> dict:
         """Train to the budget or the stop step; returns ``{"step", "finished", "result"}``."""
@@ -251,8 +256,12 @@ class TaskStage:
         checkpoint_due = False
         try:
             while self.step < stop_at:
+                self.clock.start()
                 terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
                 self.step += 1
+                epoch_s = self.clock.stop(self.step, last=self.step == stop_at)
+                if epoch_s is not None:
+                    self.logger.scalars(offset + self.step, {f"{self.name}/time/epoch_s": epoch_s})
                 self.samples_seen += self.plan.global_batch_size
                 window.add(terms)
                 progress.update(1)
@@ -335,6 +344,7 @@ class TaskStage:
             "final": {"step": self.step, "metrics": final_metrics, "checkpoint": str((ckpt / tag_for(self.step)).absolute())},
             "first_loss": self.loss_history[0][1] if self.loss_history else None,
             "last_loss": self.loss_history[-1][1] if self.loss_history else None,
+            "epoch_seconds": self.clock.report(),  # training steps only, epochs of this launch
         }
         if self.ctx.dist.is_main:
             atomic_write_text(self.ctx.stage_dir(self.name) / RESULT, json.dumps(result, indent=1) + "\n")

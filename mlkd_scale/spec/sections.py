@@ -271,6 +271,27 @@ class TeacherSpec(StrictModel):
         description="replicate: a full copy per rank under inference_mode; zero3: parameters partitioned "
         "across ranks by a ZeRO-3 engine without optimizer, for teachers too big for one device.",
     )
+    cache: bool = Field(
+        True,
+        description="Task distillation: compute the teacher's outputs once per stage (per teacher, data, "
+        "max length and what the losses read), store them under <run.output_dir>/teacher_cache and read "
+        "them in every epoch instead of running the teacher (mlkd_scale/engine/teacher_cache.py); false "
+        "runs the teacher on every batch. General distillation never caches (its corpus is streamed).",
+    )
+    cache_max_gib: float = Field(
+        4.0,
+        ge=0,
+        description="Largest total size (GiB, all ranks together) of the per-token features a stage may "
+        "cache (embeddings, hidden states, context vectors, Q/K/V, attention maps, in cache_dtype); a stage "
+        "whose features are larger runs the live teacher and says why. [CLS] and logits are cached "
+        "whatever this says; 0 caches no per-token features.",
+    )
+    cache_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Dtype of cached per-token features: auto = teacher.dtype when it is bf16/fp16 (the "
+        "live teacher's values exactly), fp16 for an fp32 teacher (half the bytes, each value rounded to "
+        "11 significant bits). [CLS] and logits are stored in teacher.dtype.",
+    )
 
 
 class TrainSpec(StrictModel):
