@@ -264,7 +264,7 @@ def test_the_size_rule_the_switch_and_a_stage_that_reads_nothing(tmp_path: Path,
     assert "read nothing from the teacher" in ctx.lines[-1]
     assert flat_features(cache.features(torch.tensor([3, 1]))) == {}
 
-    spec = task_spec(tmp_path, teacher_dir, "SST-2", path=tmp_path / "off.json", teacher__cache=False,
+    spec = task_spec(tmp_path, teacher_dir, "SST-2", path=tmp_path / "off.json", teacher__cache=False, run__output_dir=str(tmp_path / "off"),
                      task__stage1={"max_steps": 1, "lr": 1e-3}, task__stage2={"max_steps": 1, "lr": 1e-3})
     monkeypatch.setattr("mlkd_scale.engine.task_kd.open_teacher_cache", lambda *a: pytest.fail("cache opened"))
     assert run_task_kd(load_spec(spec), dist=world)["finished"]
