@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,20 @@ def make_teacher(directory: Path, seed: int = 0) -> Path:
     return save_tiny_bert(directory, seed=seed)
 
 
+FAILURE_LINE = re.compile(r"exits with return code|Killed|Error|error:|Traceback")
+
+
 def check_ok(proc):
-    """``proc`` (a finished launcher run), after asserting it succeeded (its output tails if not)."""
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """``proc`` (a finished launcher run), after asserting it succeeded. If it did not, the message
+    holds every line that names a failure (the first failing rank's error can lie far above the
+    tail, behind the other ranks' tracebacks) and then both output tails."""
+    if proc.returncode != 0:
+        lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+        failures = [line[:300] for line in lines if FAILURE_LINE.search(line)][:60]
+        raise AssertionError(
+            f"exit {proc.returncode}\nlines naming a failure:\n" + "\n".join(failures)
+            + "\n--- stdout tail ---\n" + proc.stdout[-3000:] + "\n--- stderr tail ---\n" + proc.stderr[-3000:]
+        )
     return proc
 
 

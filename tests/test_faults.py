@@ -328,7 +328,7 @@ def _wait_for_run_step(proc, steps_file: Path, step: int, timeout: float = 300) 
 
 def _task_outcome(out: Path) -> dict:
     """What an interrupted task run must share with an uninterrupted one: each stage's result.json
-    (checkpoint paths by name), the exported student's dev report, the loss and dev curves, the
+    (checkpoint paths by name, its epoch wall times left out), the exported student's dev report, the loss and dev curves, the
     kept checkpoints and the weights of each stage's final checkpoint."""
 
     def by_name(value):
@@ -342,6 +342,7 @@ def _task_outcome(out: Path) -> dict:
     weights = {}
     for stage in ("stage1", "stage2"):
         result = by_name(json.loads((out / stage / "result.json").read_text()))
+        result.pop("epoch_seconds")  # wall times: measured, so no two runs share them
         ckpt = out / stage / "checkpoints"
         outcome[stage] = {
             "result": result,
