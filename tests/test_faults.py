@@ -328,8 +328,8 @@ def _wait_for_run_step(proc, steps_file: Path, step: int, timeout: float = 300) 
 
 def _task_outcome(out: Path) -> dict:
     """What an interrupted task run must share with an uninterrupted one: each stage's result.json
-    (checkpoint paths by name, its epoch wall times left out), the exported student's dev report, the loss and dev curves, the
-    kept checkpoints and the weights of each stage's final checkpoint."""
+    (checkpoint paths by name, its epoch wall times left out), the exported student's dev report,
+    the loss and dev curves, the kept checkpoints and the weights of each stage's final checkpoint."""
 
     def by_name(value):
         if isinstance(value, dict):
