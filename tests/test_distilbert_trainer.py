@@ -37,9 +37,8 @@ def distilbert_spec(tmp_path, teacher):
 
 def close(trainer: Trainer) -> None:
     """What Trainer.train closes at its end (these tests step the trainer themselves)."""
-    trainer.logger.close()
-    trainer.guard.close()
-    trainer._sample_log.close()
+    trainer.runner.close_logs()
+    trainer.batches.close()
 
 
 class Recorder:
@@ -93,7 +92,7 @@ def test_mlm_models_same_masked_ids_and_labels_reach_the_objective(tmp_path, wor
 
         seen = Recorder(trainer, monkeypatch)
         for _ in range(2):
-            trainer.train_step()
+            trainer.runner.train_step()
         assert len(seen.raw) == len(seen.labels) == 4  # 2 steps x 2 micro batches
         special = torch.tensor(trainer.tokenizer.all_special_ids)
         for index, (raw, labels) in enumerate(zip(seen.raw, seen.labels)):
@@ -133,7 +132,7 @@ def test_a_teacher_with_a_trained_mlm_head_gives_no_warning_and_other_presets_st
     try:
         assert trainer.masker is None and type(trainer.teacher).__name__ == "BertModel"
         seen = Recorder(trainer, monkeypatch)
-        trainer.train_step()
+        trainer.runner.train_step()
         assert seen.labels == [None, None] and torch.equal(seen.teacher_ids[0], seen.raw[0])
     finally:
         close(trainer)

@@ -105,17 +105,38 @@ class CheckpointManager:
     is refused (:func:`~mlkd_scale.engine.checkpoint_files.claim_folder`).
     """
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int, owner: str | None = None):
+    def __init__(
+        self, ckpt_dir: str | Path, keep_last: int, rank: int, world_size: int, owner: str | None = None,
+        every_n_steps: int | None = None,
+    ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.ckpt_dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.every_n_steps = every_n_steps  # periodic checkpoints (checkpoint.every_n_steps); None: none
+        self._periodic_pending = False  # a periodic checkpoint fell on a step that could not be saved
         if owner is not None:
             claim_folder(self.ckpt_dir, owner, "the checkpoint folder", allow_foreign=True)
 
     # -- save
+
+    def save_due(self, step: int, forced: bool = False, wanted: bool = False, healthy: bool = True) -> bool:
+        """Whether to checkpoint after ``step``; the one place that decides it.
+
+        ``forced``: a stop, the end of a stage or an evaluation that is always checkpointed.
+        ``wanted``: a reason of the caller's (a new best). Periodic checkpoints (every
+        ``every_n_steps``) and wanted ones need a ``healthy`` step (not one of a streak of skipped,
+        non-finite steps); a periodic one that fell on an unhealthy step is taken at the next
+        healthy one.
+        """
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._periodic_pending = True
+        due = forced or ((self._periodic_pending or wanted) and healthy)
+        if due:
+            self._periodic_pending = False
+        return due
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict) -> Path:
         """Write checkpoint ``step`` on every rank, then commit it (COMPLETE with the manifest, a

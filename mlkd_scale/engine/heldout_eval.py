@@ -25,6 +25,7 @@ import torch
 from mlkd_scale.data.heldout import heldout_texts
 from mlkd_scale.data.sources import DataError
 from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.engine.stage_runner import Evaluation
 from mlkd_scale.evaluation import similarity_agreement
 from mlkd_scale.spec import RunSpec
 
@@ -98,11 +99,40 @@ class HeldoutEval:
     def value(self, scalars: dict[str, float]) -> float:
         return scalars["eval/agreement" if self.metric == "agreement" else "eval/loss_total"]
 
-    def improves(self, scalars: dict[str, float], best: dict | None) -> bool:
-        """Whether ``scalars`` beat ``best`` (``{"value", ...}``) by ``eval.metric``; NaN never wins."""
-        value = self.value(scalars)
+    def is_better(self, value: float, best: dict | None) -> bool:
+        """Whether ``value`` beats ``best`` (``{"value", ...}``) by ``eval.metric``; NaN never wins."""
         if math.isnan(value):
             return False
         if best is None:
             return True
         return value > best["value"] if self.metric == "agreement" else value < best["value"]
+
+
+class HeldoutEvaluator:
+    """:class:`HeldoutEval` as the general-distillation stage's evaluator: every ``every`` steps and
+    at the stop step; a checkpoint only for a new best (``eval.metric``)."""
+
+    checkpoint_each = False
+
+    def __init__(self, heldout: HeldoutEval, every: int, engine, teacher, loss_of, masker=None):
+        self.heldout, self.every = heldout, every
+        self.engine, self.teacher, self.loss_of, self.masker = engine, teacher, loss_of, masker
+
+    def due(self, step: int, stop_at: int, total: int) -> bool:
+        return step % self.every == 0 or step == stop_at
+
+    def evaluate(self) -> Evaluation:
+        scalars = self.heldout.run(self.engine, self.teacher, self.loss_of, self.masker)
+        record = {"metric": self.heldout.metric, "scalars": scalars}
+        return Evaluation(scalars, self.heldout.value(scalars), record, history=scalars)
+
+    def is_better(self, value: float, best: dict | None) -> bool:
+        return self.heldout.is_better(value, best)
+
+    def report(self, evaluation: Evaluation, best: dict | None, step: int, run_step: int) -> tuple[dict, str]:
+        scalars = dict(evaluation.scalars)
+        if best is not None:
+            scalars[f"eval/best_{self.heldout.metric}"] = best["value"]
+        line = (f"step {step}: held-out loss {scalars['eval/loss_total']:.4f}, "
+                f"agreement {scalars['eval/agreement']:.3f}")
+        return scalars, line

@@ -3,7 +3,9 @@
 A stage is a budget of optimizer steps over an encoded train split, with dev evaluation, its own
 checkpoint directory and TensorBoard tags, and exact resume. Reading order: :class:`StageSetup`
 is what the caller decides (what is trained and its loss); :class:`TaskStage` builds the engine,
-resumes, and :meth:`TaskStage.run` is the loop. Layout under ``<run.output_dir>/<stage>/``::
+the batch source (:class:`SampledBatches`) and the evaluator (:class:`DevEvaluator`) and runs them
+with the one :class:`~mlkd_scale.engine.stage_runner.StageRunner`. Layout under
+``<run.output_dir>/<stage>/``::
 
     checkpoints/     CheckpointManager's directory (or <checkpoint.dir>/<stage>); best.json pins
                      the checkpoint best on dev against keep_last pruning
@@ -11,8 +13,7 @@ resumes, and :meth:`TaskStage.run` is the loop. Layout under ``<run.output_dir>/
                      a relaunch skips a stage that has it
 
 Steps are counted per stage; the *run step* adds the steps of the stages before it
-(``step_offset``). TensorBoard's x axis and ``--stop_after_steps`` use run steps, so Stage 2's
-curves continue Stage 1's and one number stops a run anywhere.
+(``step_offset``; see :mod:`~mlkd_scale.engine.stage_runner`).
 """
 
 from __future__ import annotations
@@ -26,37 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch import nn
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from mlkd_scale.data.glue import GlueTask
 from mlkd_scale.data.task_data import EncodedSplit, EpochSampler, steps_for
-from mlkd_scale.engine.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    atomic_write_text,
-    tag_for,
-)
+from mlkd_scale.engine.checkpoint import CheckpointManager, atomic_write_text, tag_for
 from mlkd_scale.engine.checkpoint_files import read_json_record
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
-from mlkd_scale.engine.faults import RunGuard, is_comm_failure
-from mlkd_scale.engine.loop import (
-    LossFn,
-    Window,
-    build_engine,
-    optimizer_scalars,
-    optimizer_step,
-)
-from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
+from mlkd_scale.engine.loop import LossFn, build_engine
+from mlkd_scale.engine.reshard import Resume
 from mlkd_scale.engine.safe_load import load_plain
-from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.engine.stage_runner import Evaluation, StageParts, StageRunner
 from mlkd_scale.plan import Plan
-from mlkd_scale.spec import RunSpec, StageBudget, spec_hash
+from mlkd_scale.spec import RunSpec, StageBudget
 
 RESULT = "result.json"
 
@@ -141,224 +127,138 @@ def full_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class SampledBatches:
+    """A task stage's batch source: shuffled micro batches of an encoded split, epoch by epoch.
+    ``index`` [B] holds the samples' rows in the split (the teacher cache's key)."""
+
+    def __init__(self, split: EncodedSplit, sampler: EpochSampler, device: torch.device):
+        self.split, self.sampler, self.device = split, sampler, device
+
+    def next_batch(self, step: int) -> dict:
+        indices = self.sampler.next_indices()
+        return {**self.split.batch(indices, self.device), "index": torch.as_tensor(indices)}
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def log_scalars(self) -> dict[str, float]:
+        return {}
+
+
+class DevEvaluator:
+    """Dev metrics of a task stage every ``task.eval_every_n_steps`` steps and at its last step;
+    every evaluation is checkpointed, the best by the task's main metric is pinned."""
+
+    checkpoint_each = True
+
+    def __init__(self, ctx: TaskContext, predict: PredictFn, name: str, total: int):
+        self.ctx, self.predict, self.name, self.total = ctx, predict, name, total
+        self.every = ctx.spec.task.eval_every_n_steps
+
+    def due(self, step: int, stop_at: int, total: int) -> bool:
+        return step == total or bool(self.every and step % self.every == 0)
+
+    def evaluate(self) -> Evaluation:
+        ctx = self.ctx
+        results = evaluate(self.predict, ctx.dev, ctx.task, ctx.spec.task.eval_batch_size, ctx.dist)
+        scalars = {f"eval/{k}": v for k, v in flat_metrics(results).items()}
+        value = results[next(iter(results))][ctx.task.main_metric]
+        return Evaluation(scalars, value, {"metrics": results}, history=results)
+
+    def is_better(self, value: float, best: dict | None) -> bool:
+        return is_better(value, best)
+
+    def report(self, evaluation: Evaluation, best: dict | None, step: int, run_step: int) -> tuple[dict, str]:
+        tail = f" (best {best['value']:.4f} at step {best['step']})" if best else ""
+        line = (f"{self.name} step {step}/{self.total} (run step {run_step}) dev: "
+                f"{format_metrics(evaluation.record['metrics'])}{tail}")
+        return evaluation.scalars, line
+
+
 class TaskStage:
-    """Runs one :class:`StageSetup` to its budget (or to ``ctx.stop_after_steps``), resumably."""
+    """Builds one :class:`StageSetup`'s parts and runs them to the budget (or to
+    ``ctx.stop_after_steps``) with a :class:`StageRunner`; writes ``result.json`` at the end."""
 
     def __init__(self, ctx: TaskContext, setup: StageSetup, hf_model: PreTrainedModel):
         self.ctx, self.setup = ctx, setup
         spec, info = ctx.spec, ctx.dist
         self.name = setup.name
         self.plan = ctx.stage_plan(setup.budget, len(setup.train))
-        self.total = self.plan.total_steps
-        self.engine, self.scheduler = build_engine(setup.module, spec.train, self.plan, setup.budget.lr)
-        self.loss_fn = setup.make_loss(self.engine)
-        self.predict = setup.make_predict(self.engine)
-        self.sampler = EpochSampler(
+        self.engine, scheduler = build_engine(setup.module, spec.train, self.plan, setup.budget.lr)
+        sampler = EpochSampler(
             len(setup.train), self.plan.micro_batch_size, info.rank, info.world_size, spec.run.seed, setup.stream
         )
-        self.checkpoints = CheckpointManager(
+        checkpoints = CheckpointManager(
             ctx.checkpoint_dir(self.name), spec.checkpoint.keep_last, info.rank, info.world_size,
-            owner=f"{spec.run.name}/{self.name}",
+            owner=f"{spec.run.name}/{self.name}", every_n_steps=spec.checkpoint.every_n_steps,
         )
-        self.checkpoints.save_hf_meta(hf_model, ctx.tokenizer)
-        self.guard = RunGuard(spec.faults, info, self.checkpoints.latest_name)  # preemption, non-finite steps
-        self.step = 0
-        self.samples_seen = 0
-        self.loss_history: list[tuple[int, float]] = []
-        self.eval_history: list[tuple[int, dict]] = []
-        self.best: dict | None = None  # {"step", "value", "metrics"}
-        self._resume()
-        self.clock = EpochClock(len(setup.train), self.plan.global_batch_size, get_accelerator().synchronize)
-        self.logger = TensorBoardLogger(
-            spec.logging.tensorboard_dir or ctx.output_dir / "tensorboard",
-            enabled=info.is_main,
-            purge_step=setup.step_offset + self.step + 1,
-        )
-        self.logger.text(f"{self.name}/spec", "```json\n" + spec.model_dump_json(indent=2) + "\n```")
-        self.logger.text(f"{self.name}/plan", "```\n" + self.plan.summary() + "\n```")
-
-    # ---- checkpoint state -----------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {
-            "stage": self.name,
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "loss_history": self.loss_history,
-            "eval_history": self.eval_history,
-            "best": self.best,
-            "spec": self.ctx.spec.model_dump(mode="json"),
-            "spec_hash": spec_hash(self.ctx.spec),
-        }
-
-    def _resume(self) -> None:
-        resume = self.ctx.spec.checkpoint.resume
-        if resume not in ("auto", "never") and Path(resume).parent.resolve() != self.checkpoints.ckpt_dir.resolve():
+        checkpoints.save_hf_meta(hf_model, ctx.tokenizer)
+        resume = spec.checkpoint.resume
+        if resume not in ("auto", "never") and Path(resume).parent.resolve() != checkpoints.ckpt_dir.resolve():
             resume = "auto"  # checkpoint.resume names a checkpoint of another stage
-        tag_dir = self.checkpoints.resolve_resume(resume)
-        if tag_dir is None:
-            return
-        client, rank_state = self.checkpoints.load(self.engine, tag_dir)
-        if client.get("stage") != self.name:
-            raise CheckpointError(f"{tag_dir} is a checkpoint of {client.get('stage')!r}, not of {self.name}")
-        self.step = client["step"]
-        self.samples_seen = client["samples_seen"]
-        self.loss_history = [tuple(x) for x in client["loss_history"]]
-        self.eval_history = [tuple(x) for x in client["eval_history"]]
-        self.best = client["best"]
-        try:
-            self.sampler.load_state_dict(rank_state["data"])
-        except ValueError as error:
-            raise CheckpointError(f"{tag_dir}: {error}") from None
-        restore_rng_state(rank_state["rng"])
-        if self.best is not None:  # re-pin: a crash may have come between the save and the pin
-            self.checkpoints.mark_best(self.best["step"], {"value": self.best["value"]})
-        if client.get("spec_hash") != spec_hash(self.ctx.spec):
-            self.ctx.print(f"warning: resuming {tag_dir} with a changed spec")
-        self.ctx.print(f"resumed from {tag_dir} at {self.name} step {self.step}")
-
-    def _save(self) -> Path:
-        rank_state = {"data": self.sampler.state_dict(), "rng": capture_rng_state()}
-        return self.checkpoints.save(self.engine, self.step, self.state_dict(), rank_state)
-
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def _next_batch(self) -> dict:
-        """The next micro batch; ``index`` [B] holds its samples' rows in the split (the teacher cache's key)."""
-        indices = self.sampler.next_indices()
-        return {**self.setup.train.batch(indices, self.ctx.dist.device), "index": torch.as_tensor(indices)}
+        tag_dir = checkpoints.resolve_resume(resume)
+        parts = StageParts(
+            name=self.name, engine=self.engine, scheduler=scheduler, loss_fn=setup.make_loss(self.engine),
+            batches=SampledBatches(setup.train, sampler, info.device), checkpoints=checkpoints,
+            resume=Resume(checkpoints, spec.run.seed, None, tag_dir, saved_world_size=info.world_size),
+            plan=self.plan, counted={"samples_seen": self.plan.global_batch_size},
+            evaluator=DevEvaluator(ctx, setup.make_predict(self.engine), self.name, self.plan.total_steps),
+            step_offset=setup.step_offset, tag_prefix=f"{self.name}/", epoch_examples=len(setup.train),
+        )
+        self.runner = StageRunner(spec, info, parts, ctx.output_dir)
 
     def run(self) -> dict:
         """Train to the budget or the stop step; returns ``{"step", "finished", "result"}``."""
-        ctx, spec = self.ctx, self.ctx.spec
+        ctx, runner, budget = self.ctx, self.runner, self.setup.budget
         offset = self.setup.step_offset
-        stop_at = self.total
-        if ctx.stop_after_steps is not None:
-            stop_at = max(self.step, min(self.total, ctx.stop_after_steps - offset))
-        budget = self.setup.budget
         why = "max_steps" if budget.max_steps else f"{budget.epochs:g} epochs"
         ctx.print(
-            f"{self.name}: {self.total} steps ({why}; {len(self.setup.train):,} examples, "
+            f"{self.name}: {runner.total} steps ({why}; {len(self.setup.train):,} examples, "
             f"{self.plan.global_batch_size} per step), lr {budget.lr:g}, warm-up {self.plan.warmup_steps} steps; "
-            f"run steps {offset + 1}..{offset + self.total}"
+            f"run steps {offset + 1}..{offset + runner.total}"
         )
-        eval_every = spec.task.eval_every_n_steps
-        self.engine.train()
-        progress = tqdm(
-            total=self.total,
-            initial=self.step,
-            disable=not (ctx.dist.is_main and spec.logging.progress_bar),
-            desc=self.name,
-            unit="step",
-        )
-        guard = self.guard
-        window = Window()
-        checkpoint_due = False
-        try:
-            while self.step < stop_at:
-                self.clock.start()
-                terms = optimizer_step(self.engine, self._next_batch, self.loss_fn, self.plan.gradient_accumulation_steps)
-                self.step += 1
-                epoch_s = self.clock.stop(self.step, last=self.step == stop_at)
-                if epoch_s is not None:
-                    self.logger.scalars(offset + self.step, {f"{self.name}/time/epoch_s": epoch_s})
-                self.samples_seen += self.plan.global_batch_size
-                window.add(terms)
-                progress.update(1)
-                if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
-                    self._log(window, progress)
-                    window = Window()
-                stop = guard.check_step(self.engine, offset + self.step)
-                evaluate_now = self.step == self.total or bool(eval_every and self.step % eval_every == 0)
-                improved = self._evaluate() if evaluate_now else False
-                checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
-                if stop or evaluate_now or self.step == stop_at or (checkpoint_due and guard.checkpoint_ok):
-                    tag_dir = self._save()
-                    checkpoint_due = False
-                if improved:
-                    self.checkpoints.mark_best(self.step, {"value": self.best["value"]})
-                if stop:
-                    raise guard.preempted(offset + self.step, tag_dir.name)
-        except RuntimeError as error:
-            if is_comm_failure(error):
-                raise guard.peer_failure(error, offset + self.step) from error
-            raise
-        finally:
-            progress.close()
-            self.logger.close()
-            guard.close()
-        finished = self.step >= self.total
+        finished = runner.run(ctx.stop_after_steps, label=self.name)
         result = self._finish() if finished else None
-        return {"step": self.step, "finished": finished, "result": result}
-
-    def _evaluate(self) -> bool:
-        """Dev metrics now; True when they are the best so far (the caller pins the checkpoint)."""
-        self.engine.eval()
-        results = evaluate(self.predict, self.ctx.dev, self.ctx.task, self.ctx.spec.task.eval_batch_size, self.ctx.dist)
-        self.engine.train()
-        value = results[next(iter(results))][self.ctx.task.main_metric]
-        self.eval_history.append((self.step, results))
-        improved = is_better(value, self.best)
-        if improved:
-            self.best = {"step": self.step, "value": value, "metrics": results}
-        run_step = self.setup.step_offset + self.step
-        self.logger.scalars(run_step, {f"eval/{k}": v for k, v in flat_metrics(results).items()})
-        self.logger.flush()
-        best = f" (best {self.best['value']:.4f} at step {self.best['step']})" if self.best else ""
-        self.ctx.print(
-            f"{self.name} step {self.step}/{self.total} (run step {run_step}) dev: {format_metrics(results)}{best}"
-        )
-        return improved
-
-    def _log(self, window: Window, progress: tqdm) -> None:
-        means = window.global_means()
-        seconds = window.elapsed()
-        scalars = {f"loss/{name}": value for name, value in means.items()}
-        scalars.update(optimizer_scalars(self.engine, self.scheduler, self.ctx.dist.device))
-        samples = window.steps * self.plan.global_batch_size
-        scalars.update(
-            {
-                "throughput/samples_per_s": samples / seconds,
-                "throughput/tokens_per_s": window.steps * self.plan.tokens_per_step / seconds,
-                "train/samples_seen": self.samples_seen,
-            }
-        )
-        self.logger.scalars(self.setup.step_offset + self.step, {f"{self.name}/{k}": v for k, v in scalars.items()})
-        self.loss_history.append((self.step, scalars["loss/total"]))
-        progress.set_postfix(loss=f"{scalars['loss/total']:.4f}", refresh=False)
+        return {"step": runner.step, "finished": finished, "result": result}
 
     def _finish(self) -> dict:
         """Pin a best (the final checkpoint if no evaluation gave a number) and write result.json."""
-        if self.best is None:
-            final = self.eval_history[-1][1] if self.eval_history else {}
-            self.best = {"step": self.step, "value": float("nan"), "metrics": final}
-            self.checkpoints.mark_best(self.step, {"value": None})
-        final_metrics = next((m for s, m in reversed(self.eval_history) if s == self.step), None)
-        ckpt = self.checkpoints.ckpt_dir
+        runner = self.runner
+        if runner.best is None:
+            final = runner.eval_history[-1][1] if runner.eval_history else {}
+            runner.best = {"step": runner.step, "value": float("nan"), "metrics": final}
+            runner.checkpoints.mark_best(runner.step, {"value": None})
+        final_metrics = next((m for s, m in reversed(runner.eval_history) if s == runner.step), None)
+        ckpt = runner.checkpoints.ckpt_dir
+        first, last = runner.first_and_last_loss()
         result = {
             "stage": self.name,
-            "steps": self.total,
+            "steps": runner.total,
             "step_offset": self.setup.step_offset,
             "main_metric": self.ctx.task.main_metric,
-            "best": {**self.best, "checkpoint": str((ckpt / tag_for(self.best["step"])).absolute())},
-            "final": {"step": self.step, "metrics": final_metrics, "checkpoint": str((ckpt / tag_for(self.step)).absolute())},
-            "first_loss": self.loss_history[0][1] if self.loss_history else None,
-            "last_loss": self.loss_history[-1][1] if self.loss_history else None,
-            "epoch_seconds": self.clock.report(),  # training steps only, epochs of this launch
+            "best": {**runner.best, "checkpoint": str((ckpt / tag_for(runner.best["step"])).absolute())},
+            "final": {"step": runner.step, "metrics": final_metrics,
+                      "checkpoint": str((ckpt / tag_for(runner.step)).absolute())},
+            "first_loss": first,
+            "last_loss": last,
+            "epoch_seconds": runner.clock.report(),  # training steps only, epochs of this launch
         }
         if self.ctx.dist.is_main:
             atomic_write_text(self.ctx.stage_dir(self.name) / RESULT, json.dumps(result, indent=1) + "\n")
         torch.distributed.barrier()
-        best = self.best
+        best = runner.best
         self.ctx.print(
-            f"{self.name} finished at step {self.step}: best dev {self.ctx.task.main_metric} {best['value']:.4f} "
+            f"{self.name} finished at step {runner.step}: best dev {self.ctx.task.main_metric} {best['value']:.4f} "
             f"at step {best['step']}"
         )
         return result
 
     def close(self) -> None:
         """Free the engine and its optimizer state (a later stage builds its own)."""
-        self.logger.close()
+        self.runner.close_logs()
         self.engine.destroy()
-        del self.engine, self.scheduler, self.loss_fn, self.predict
+        del self.engine, self.runner
         gc.collect()

@@ -1,9 +1,9 @@
-"""General distillation on DeepSpeed: spec → engine → loop → checkpoints, TensorBoard, export.
+"""General distillation on DeepSpeed: spec → models → the stage's parts → one stage runner → export.
 
-One object per run. Reading order: :meth:`Trainer.__init__` builds everything (teacher, student,
-objective, DeepSpeed engine, data stream, checkpoints, logger) and resumes if a checkpoint exists;
-:meth:`Trainer.train` is the loop; :meth:`Trainer.state_dict` is what a checkpoint carries
-besides DeepSpeed's own shards.
+One object per run. Reading order: :meth:`Trainer.__init__` builds the parts (teacher, student,
+objective, DeepSpeed engine, the corpus as a batch source, the held-out evaluator, checkpoints) and
+hands them to a :class:`~mlkd_scale.engine.stage_runner.StageRunner`, which resumes if a checkpoint
+exists and runs the loop; :meth:`Trainer.train` runs it, exports and summarises.
 
 When the objective reads masked-language-model predictions (the distilbert preset), teacher and
 student are ``AutoModelForMaskedLM`` models and every micro batch is corrupted on the CPU
@@ -13,12 +13,10 @@ student are ``AutoModelForMaskedLM`` models and every micro batch is corrupted o
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import deepspeed
 import torch
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import logging as hf_logging
 
@@ -27,13 +25,12 @@ from mlkd_scale.engine.checkpoint import CheckpointManager, tag_for
 from mlkd_scale.engine.checkpoint_files import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
-from mlkd_scale.engine.faults import RunGuard, is_comm_failure
-from mlkd_scale.engine.heldout_eval import HeldoutEval
-from mlkd_scale.engine.loop import Window, build_engine, optimizer_scalars, optimizer_step
+from mlkd_scale.engine.faults import is_comm_failure
+from mlkd_scale.engine.heldout_eval import HeldoutEval, HeldoutEvaluator
+from mlkd_scale.engine.loop import build_engine
 from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.reshard import prepare_resume
-from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
-from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.engine.stage_runner import StageParts, StageRunner
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.losses.presets import get_preset
@@ -46,9 +43,7 @@ from mlkd_scale.models import (
     resolve_layer_mapping,
 )
 from mlkd_scale.plan import resolve_plan
-from mlkd_scale.spec import RunSpec, SpecError, spec_hash, teacher_fit_problems
-
-log = logging.getLogger("mlkd_scale")
+from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
 
 
 def build_models(
@@ -98,8 +93,56 @@ def masker_for(objective: DistillationObjective, tokenizer, vocab_size: int, spe
         raise SpecError(f"teacher.path: {error}; give a teacher whose tokenizer has one") from None
 
 
+class CorpusBatches:
+    """General distillation's batch source: packed sequences from the corpus stream, MLM-corrupted
+    when the objective reads MLM labels, logged to the sample audit trail when asked."""
+
+    def __init__(self, stream, micro_batch_size: int, device: torch.device, masker=None, sample_log=None):
+        self.stream, self.micro_batch_size, self.device = stream, micro_batch_size, device
+        self.masker, self.sample_log = masker, sample_log
+        self._step, self._micro = 0, 0  # the masks' seed: (step, index of the micro batch within it)
+
+    def next_batch(self, step: int) -> dict:
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
+        batch = self.stream.next_batch(self.micro_batch_size)
+        if self.sample_log is not None:
+            line = {"step": step, "shard": batch.get("shard"), "doc_ids": batch["doc_ids"]}
+            self.sample_log.write(json.dumps(line) + "\n")
+        # Packed sequences are always full, so no attention mask travels: the models then skip
+        # building one and the relation losses skip masking ([B, A, L, L] work per layer).
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "attention_mask"}
+        if self.masker is not None:  # on the CPU, before the copy: teacher and student see these ids
+            inputs["input_ids"], inputs["labels"] = self.masker(batch["input_ids"], step, self._micro)
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def log_scalars(self) -> dict[str, float]:
+        """Corpus counters summed over ranks (documents read, skipped as empty, malformed) and the
+        mean epoch; one small all-reduce per logging step."""
+        stats = self.stream.stats()
+        names = [k for k in ("documents_read", "documents_skipped", "documents_malformed") if k in stats]
+        values = [float(stats[k]) for k in names] + [float(stats["epoch"])]
+        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.tolist()
+        counters = {f"data/{name}": value for name, value in zip(names, totals)}
+        counters["data/epoch_mean"] = totals[-1] / torch.distributed.get_world_size()
+        return counters
+
+    def close(self) -> None:
+        if self.sample_log is not None:
+            self.sample_log.close()
+
+
 class Trainer:
-    """Stage-1 general distillation of ``spec.student`` from ``spec.teacher`` over ``spec.data``."""
+    """Stage-1 general distillation of ``spec.student`` from ``spec.teacher`` over ``spec.data``:
+    builds the parts of the stage and hands them to one :class:`StageRunner`."""
 
     def __init__(self, spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None):
         self.spec = spec
@@ -119,94 +162,39 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
         teacher, student, objective = build_models(spec, self.dist.is_main, self.tokenizer)
         self.masker = masker_for(objective, self.tokenizer, teacher.config.vocab_size, spec, self.dist.rank)
-        self._micro_batch = 0  # index of the next micro batch within the step (the masks' seed)
         self.placed_teacher = place_teacher(teacher, spec.teacher, self.plan, self.dist.device)
         self.teacher = self.placed_teacher.model
         self.teacher_tap = FeatureTap(self.teacher, objective.teacher_request())
         module = DistillationModule(student, objective)
         compile_for_speed(spec.train.compile, self.teacher, module, spec.teacher.placement)
-        self.checkpoints = CheckpointManager(
+        checkpoints = CheckpointManager(
             spec.checkpoint.dir or self.output_dir / "checkpoints",
             spec.checkpoint.keep_last,
             self.dist.rank,
             self.dist.world_size,
             owner=spec.run.name,
+            every_n_steps=spec.checkpoint.every_n_steps,
         )
         # Before the engine: resuming at a new world size builds it for a universal checkpoint.
-        self.resume_from = prepare_resume(self.checkpoints, spec, self.plan.zero_stage)
-        self.plan = self.resume_from.engine_plan(self.plan)
-        self.engine, self.scheduler = build_engine(module, spec.train, self.plan)
-        self.stream = self.resume_from.open_stream(spec.data, self.tokenizer)
-        self.step = 0
-        self.tokens_seen = 0
-        self.loss_history: list[tuple[int, float]] = []  # (step, total) at each logging step
-        self.best: dict | None = None  # {"step", "value", "metric", "scalars"}: the best held-out evaluation
-        self.heldout = HeldoutEval(spec, self.tokenizer, self.dist.device) if spec.eval.every_n_steps else None
-        self._resume()
-        self.logger = TensorBoardLogger(
-            spec.logging.tensorboard_dir or self.output_dir / "tensorboard",
-            enabled=self.dist.is_main,
-            purge_step=self.step + 1 if self.step else None,
+        resume = prepare_resume(checkpoints, spec, self.plan.zero_stage)
+        self.plan = resume.engine_plan(self.plan)
+        self.engine, scheduler = build_engine(module, spec.train, self.plan)
+        self.stream = resume.open_stream(spec.data, self.tokenizer)
+        self.batches = CorpusBatches(self.stream, self.plan.micro_batch_size, self.dist.device, self.masker)
+        evaluator = None
+        if spec.eval.every_n_steps:
+            heldout = HeldoutEval(spec, self.tokenizer, self.dist.device)
+            evaluator = HeldoutEvaluator(heldout, spec.eval.every_n_steps, self.engine, self.teacher, self._loss,
+                                         self.masker)
+        parts = StageParts(
+            name="general", engine=self.engine, scheduler=scheduler, loss_fn=self._loss, batches=self.batches,
+            checkpoints=checkpoints, resume=resume, plan=self.plan, evaluator=evaluator,
+            counted={"tokens_seen": self.plan.tokens_per_step},
         )
-        self.logger.text("spec", "```json\n" + spec.model_dump_json(indent=2) + "\n```")
-        self.logger.text("plan", "```\n" + self.plan.summary() + "\n```")
-        self.checkpoints.save_hf_meta(student, self.tokenizer)
-        self._sample_log = self._open_sample_log() if spec.logging.record_sample_ids else None
-        self.guard = RunGuard(spec.faults, self.dist, self.checkpoints.latest_name)
-
-    # ---- checkpoint state -----------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Client state stored with DeepSpeed's shards (the same on every rank)."""
-        return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "loss_history": self.loss_history,
-            "spec": self.spec.model_dump(mode="json"),
-            "spec_hash": spec_hash(self.spec),
-            "best": self.best,
-        }
-
-    def rank_state(self) -> dict:
-        """Per-rank state: this rank's data position and random generators."""
-        return {"data": self.stream.state_dict(), "rng": capture_rng_state()}
-
-    def _resume(self) -> None:
-        tag_dir = self.resume_from.tag_dir
-        if tag_dir is None:
-            return
-        client, rank_state = self.resume_from.load(self.engine)
-        self.step = client["step"]
-        self.tokens_seen = client["tokens_seen"]
-        self.loss_history = [tuple(x) for x in client.get("loss_history", [])]
-        self.best = client.get("best")
-        if self.best is not None:  # re-pin: a crash may have come between the save and the pin
-            self.checkpoints.mark_best(self.best["step"], {"value": self.best["value"]})
-        self.stream.load_state_dict(rank_state["data"])
-        restore_rng_state(rank_state["rng"])
-        if client.get("spec_hash") != spec_hash(self.spec) and self.dist.is_main:
-            changed = sorted(k for k, v in client.get("spec", {}).items() if v != self.spec.model_dump(mode="json")[k])
-            log.warning("resuming %s with a changed spec (sections: %s)", tag_dir, ", ".join(changed) or "?")
-        if self.dist.is_main:
-            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
-
-    def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self.state_dict(), self.rank_state())
-
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def _next_batch(self) -> dict:
-        batch = self.stream.next_batch(self.plan.micro_batch_size)
-        if self._sample_log is not None:
-            line = {"step": self.step + 1, "shard": batch.get("shard"), "doc_ids": batch["doc_ids"]}
-            self._sample_log.write(json.dumps(line) + "\n")
-        # Packed sequences are always full, so no attention mask travels: the models then skip
-        # building one and the relation losses skip masking ([B, A, L, L] work per layer).
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "attention_mask"}
-        if self.masker is not None:  # on the CPU, before the copy: teacher and student see these ids
-            inputs["input_ids"], inputs["labels"] = self.masker(batch["input_ids"], self.step + 1, self._micro_batch)
-        self._micro_batch += 1
-        return {k: v.to(self.dist.device, non_blocking=True) for k, v in inputs.items()}
+        self.runner = StageRunner(spec, self.dist, parts, self.output_dir)
+        checkpoints.save_hf_meta(student, self.tokenizer)
+        if spec.logging.record_sample_ids:
+            self.batches.sample_log = self._open_sample_log()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch.pop("labels", None)  # the MLM labels [B, L] (-100 where nothing is predicted)
@@ -216,144 +204,48 @@ class Trainer:
             teacher_features = self.teacher_tap(**batch)
         return self.engine(batch, teacher_features, labels)
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step (all micro batches); returns the step's mean loss terms, on device."""
-        self._micro_batch = 0
-        terms = optimizer_step(self.engine, self._next_batch, self._loss, self.plan.gradient_accumulation_steps)
-        self.step += 1
-        self.tokens_seen += self.plan.tokens_per_step
-        return terms
-
     def train(self) -> dict:
         """Run until the step budget (or ``stop_after_steps``); checkpoint, export, summarise.
 
         Raises :class:`~mlkd_scale.engine.faults.RunStopped` on preemption (after its checkpoint),
         after too many non-finite steps in a row, and when a collective with the other ranks fails.
         """
-        spec, plan = self.spec, self.plan
+        runner = self.runner
         if self.dist.is_main:
-            print(plan.summary(), flush=True)
+            print(self.plan.summary(), flush=True)
             print(self.placed_teacher.describe(), flush=True)
-        stop_at = min(plan.total_steps, self.stop_after_steps or plan.total_steps)
-        self.engine.train()
-        progress = tqdm(
-            total=plan.total_steps,
-            initial=self.step,
-            disable=not (self.dist.is_main and spec.logging.progress_bar),
-            desc="distilling",
-            unit="step",
-        )
         try:
-            preempted = self._loop(stop_at, progress)
-            if preempted is not None:
-                raise preempted
-            finished = self.step >= plan.total_steps
+            finished = runner.run(self.stop_after_steps, label="distilling")
             exported = None
-            if finished and spec.checkpoint.export_at_end and self.dist.is_main:
+            if finished and self.spec.checkpoint.export_at_end and self.dist.is_main:
                 exported = self._export()
             torch.distributed.barrier()
         except RuntimeError as error:
             if is_comm_failure(error):
-                raise self.guard.peer_failure(error, self.step) from error
+                raise runner.guard.peer_failure(error, runner.step) from error
             raise
         finally:
-            progress.close()
-            self.logger.close()
-            self.guard.close()
-            if self._sample_log is not None:
-                self._sample_log.close()
+            self.batches.close()
+        first, last = runner.first_and_last_loss()
         summary = {
-            "step": self.step,
+            "step": runner.step,
             "finished": finished,
-            "tokens_seen": self.tokens_seen,
-            "first_loss": self.loss_history[0][1] if self.loss_history else None,
-            "last_loss": self.loss_history[-1][1] if self.loss_history else None,
+            "tokens_seen": runner.seen["tokens_seen"],
+            "first_loss": first,
+            "last_loss": last,
             "exported": str(exported) if exported else None,
         }
         if self.dist.is_main:
             self._print_summary(summary)
         return summary
 
-    def _loop(self, stop_at: int, progress: tqdm):
-        """The steps; returns the exception to raise when the ranks agreed to stop (checkpoint written)."""
-        spec = self.spec
-        window = Window()
-        checkpoint_due = False
-        while self.step < stop_at:
-            terms = self.train_step()
-            window.add(terms)
-            progress.update(1)
-            if self.step % spec.logging.every_n_steps == 0 or self.step == stop_at:
-                self._log(window, progress)
-                window = Window()
-            stop = self.guard.check_step(self.engine, self.step)
-            checkpoint_due = checkpoint_due or self.step % spec.checkpoint.every_n_steps == 0
-            saved = stop or self.step == stop_at or (checkpoint_due and self.guard.checkpoint_ok)
-            if saved:
-                tag_dir = self.save_checkpoint()
-                checkpoint_due = False
-                if stop:
-                    return self.guard.preempted(self.step, tag_dir.name)
-            if self.heldout is not None and (self.step % spec.eval.every_n_steps == 0 or self.step == stop_at):
-                self._evaluate(saved)
-        return None
-
-    def _evaluate(self, saved: bool) -> None:
-        """Held-out loss and agreement now, in the trackers; a new best is checkpointed (if this step
-        was not) and pinned against pruning."""
-        scalars = self.heldout.run(self.engine, self.teacher, self._loss, self.masker)
-        if self.heldout.improves(scalars, self.best):
-            if not saved and self.guard.checkpoint_ok:
-                self.save_checkpoint()
-            if saved or self.guard.checkpoint_ok:
-                value = self.heldout.value(scalars)
-                self.best = {"step": self.step, "value": value, "metric": self.spec.eval.metric, "scalars": scalars}
-                self.checkpoints.mark_best(self.step, {"value": value})
-        if self.best is not None:
-            scalars[f"eval/best_{self.spec.eval.metric}"] = self.best["value"]
-        self.logger.scalars(self.step, scalars)
-        if self.dist.is_main:
-            print(f"step {self.step}: held-out loss {scalars['eval/loss_total']:.4f}, "
-                  f"agreement {scalars['eval/agreement']:.3f}", flush=True)
-
     def _export(self) -> Path:
         """The student of the best checkpoint (eval.export 'best', when there is one), else of the newest."""
-        if self.best is not None and self.spec.eval.export == "best":
-            tag_dir = self.checkpoints.ckpt_dir / tag_for(self.best["step"])
-            return export_checkpoint(tag_dir, self.output_dir / "student", results={"heldout": self.best["scalars"]})
-        return export_checkpoint(self.checkpoints.ckpt_dir, self.output_dir / "student")
-
-    def _log(self, window: Window, progress: tqdm) -> None:
-        means = window.global_means()  # one all-reduce per logging step, not per step
-        seconds = window.elapsed()
-        sequences = window.steps * self.plan.global_batch_size
-        scalars = {f"loss/{name}": value for name, value in means.items()}
-        scalars.update(optimizer_scalars(self.engine, self.scheduler, self.dist.device))
-        scalars.update(
-            {
-                "throughput/tokens_per_s": window.steps * self.plan.tokens_per_step / seconds,
-                "throughput/samples_per_s": sequences / seconds,
-                "train/tokens_seen": self.tokens_seen,
-            }
-        )
-        scalars.update(self._data_counters())
-        self.logger.scalars(self.step, scalars)
-        total = scalars["loss/total"]
-        self.loss_history.append((self.step, total))
-        progress.set_postfix(loss=f"{total:.4f}", refresh=False)
-
-    def _data_counters(self) -> dict[str, float]:
-        """Corpus counters summed over ranks (documents read, skipped as empty, malformed) and the
-        mean epoch; one small all-reduce per logging step."""
-        stats = self.stream.stats()
-        names = [k for k in ("documents_read", "documents_skipped", "documents_malformed") if k in stats]
-        values = [float(stats[k]) for k in names] + [float(stats["epoch"])]
-        totals = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
-        torch.distributed.all_reduce(totals)
-        totals = totals.tolist()
-        counters = {f"data/{name}": value for name, value in zip(names, totals)}
-        counters["data/epoch_mean"] = totals[-1] / self.dist.world_size
-        return counters
+        best, ckpt_dir = self.runner.best, self.runner.checkpoints.ckpt_dir
+        if best is not None and self.spec.eval.export == "best":
+            tag_dir = ckpt_dir / tag_for(best["step"])
+            return export_checkpoint(tag_dir, self.output_dir / "student", results={"heldout": best["scalars"]})
+        return export_checkpoint(ckpt_dir, self.output_dir / "student")
 
     def _print_summary(self, summary: dict) -> None:
         first, last = summary["first_loss"], summary["last_loss"]
@@ -378,7 +270,6 @@ class Trainer:
         for each in paths:
             kept = []
             if each.exists():
-                kept = [line for line in each.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                kept = [line for line in each.read_text().splitlines() if json.loads(line)["step"] <= self.runner.step]
             each.write_text("".join(line + "\n" for line in kept))
         return path.open("a", buffering=1)
-
