@@ -97,18 +97,19 @@ def _install(faults: dict) -> None:
     torch.save = faulty_torch_save
     torch.serialization.save = faulty_torch_save
 
-    from mlkd_scale.engine import checkpoint, trainer
+    from mlkd_scale.engine import checkpoint, stage_runner, trainer
     from mlkd_scale.engine import faults as run_faults
 
     if faults.get("fingerprints"):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
         from run_fixtures import state_fingerprint
 
-    train_step, loss, atomic_write = trainer.Trainer.train_step, trainer.Trainer._loss, checkpoint.atomic_write
+    train_step, loss = stage_runner.StageRunner.train_step, trainer.Trainer._loss
+    atomic_write = checkpoint.atomic_write
     check_step = run_faults.RunGuard.check_step
 
-    def faulty_train_step(self):
-        terms = train_step(self)
+    def faulty_train_step(self, stop_at=None):
+        terms = train_step(self, stop_at)
         kill = faults.get("kill_at_step")
         if kill and kill["rank"] == rank and kill["step"] == self.step:
             die()
@@ -121,7 +122,7 @@ def _install(faults: dict) -> None:
     def faulty_loss(self, batch):
         total, terms = loss(self, batch)
         bad = faults.get("nonfinite")
-        if bad and bad["rank"] == rank and self.step + 1 in bad["steps"]:
+        if bad and bad["rank"] == rank and self.runner.step + 1 in bad["steps"]:
             total = total * float(bad.get("value", "nan"))
         return total, terms
 
@@ -168,7 +169,7 @@ def _install(faults: dict) -> None:
                 return atomic_write(path, partial, mode)
         return atomic_write(path, write, mode)
 
-    trainer.Trainer.train_step = faulty_train_step
+    stage_runner.StageRunner.train_step = faulty_train_step
     trainer.Trainer._loss = faulty_loss
     run_faults.RunGuard.check_step = faulty_check_step
     checkpoint.atomic_write = faulty_atomic_write
