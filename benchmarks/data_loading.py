@@ -24,8 +24,8 @@ from pathlib import Path
 from common import format_table
 from transformers import AutoTokenizer
 
-from mlkd_scale.data.pretokenized import PretokenizedStream, write_pretokenized
-from mlkd_scale.data.stream import PackedStream
+from mlkd_scale.data.corpus.pretokenized import PretokenizedStream, write_pretokenized
+from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.spec import load_spec
 
 

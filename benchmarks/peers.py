@@ -82,7 +82,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.engine.module import DistillationModule
+from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.engine.schedule import build_optimizer
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, resolve_layer_mapping

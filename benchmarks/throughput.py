@@ -66,7 +66,7 @@ from common import (
 )
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.engine.module import DistillationModule
+from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.losses.presets import PRESETS
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import LossesSpec

@@ -2,7 +2,7 @@
 
 Runs as plain ``python`` (one process) or under ``deepspeed``/``torchrun`` (each rank its shard;
 CPU ranks need ``DS_ACCELERATOR=cpu``). Rerun the same command to resume an interrupted run;
-read the result with ``mlkd_scale.data.augment.load_augmented(OUT)``.
+read the result with ``mlkd_scale.data.augment.augmenter.load_augmented(OUT)``.
 
 Under the ``deepspeed`` launcher write ``--num_variants`` instead of ``--n``: the launcher's own
 argument parser sees every argument and stops on ``--n`` (an abbreviation of several of its options).
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from mlkd_scale.data.augment import (
+from mlkd_scale.data.augment.augmenter import (
     AugmentCacheError,
     Augmenter,
     EmbeddingNeighbours,
     GloveNeighbours,
     augment_dataset,
 )
-from mlkd_scale.data.augment_inputs import TASKS, AugmentInputError, file_sha256, read_examples
+from mlkd_scale.data.augment.inputs import TASKS, AugmentInputError, file_sha256, read_examples
 
 
 def _parse() -> argparse.Namespace:

@@ -102,12 +102,12 @@ def export(checkpoint: str, out: str) -> None:
 def agreement(teacher: str, student: str, heldout: str, limit: int = 400, seed: int = 0) -> None:
     """Spearman agreement of STUDENT's and TEACHER's sentence similarities on HELDOUT text.
 
-    HELDOUT is a heldout.jsonl (or its directory) from ``python -m mlkd_scale.data.local_corpus``;
+    HELDOUT is a heldout.jsonl (or its directory) from ``python -m mlkd_scale.data.corpus.local_corpus``;
     an untrained student of the same architecture, the teacher's embedding layer alone and a
     TF-IDF bag of words are scored alongside: the references with no context to beat.
     """
-    from mlkd_scale.data.local_corpus import heldout_sentences
-    from mlkd_scale.evaluation import agreement_report, format_report
+    from mlkd_scale.data.corpus.local_corpus import heldout_sentences
+    from mlkd_scale.eval.agreement import agreement_report, format_report
 
     for path, what in ((teacher, "teacher"), (student, "student")):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -124,8 +124,8 @@ def pretokenize(spec: str, out: str | None = None, workers: int | None = None) -
     Train from it with data.pretokenized_dir set. One pass over the corpus, tokenized by WORKERS
     processes (default: every CPU core), packed exactly as streaming packs it.
     """
-    from mlkd_scale.data.pretokenized import write_pretokenized
-    from mlkd_scale.data.sources import DataError
+    from mlkd_scale.data.corpus.pretokenized import write_pretokenized
+    from mlkd_scale.data.corpus.sources import DataError
     from mlkd_scale.spec import SpecError, load_spec
 
     try:

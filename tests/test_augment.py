@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-from mlkd_scale.data.augment import (
+from mlkd_scale.data.augment.augmenter import (
     STOPWORDS,
     AugmentCacheError,
     Augmenter,
@@ -25,8 +25,8 @@ from mlkd_scale.data.augment import (
     augment_dataset,
     load_augmented,
 )
-from mlkd_scale.data.augment_cache import shard_path
-from mlkd_scale.data.augment_inputs import AugmentInputError, read_examples
+from mlkd_scale.data.augment.cache import shard_path
+from mlkd_scale.data.augment.inputs import AugmentInputError, read_examples
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = "The embeddings of the Teacher were unbelievable, said 3 students."

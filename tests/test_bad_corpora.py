@@ -1,4 +1,4 @@
-"""Corpora with empty, binary, over-long or malformed records (see the table in mlkd_scale.data.sources).
+"""Corpora with empty, binary, over-long or malformed records (see the table in mlkd_scale.data.corpus.sources).
 
 A bad record is skipped and counted (``stats()["documents_skipped"]``, and ``documents_malformed``
 for malformed ones), logged with its file and line, and never trained on in a wrong form; a bad
@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mlkd_scale.data.packing import LONG_TEXT, Packer, _pieces, make_encoder
-from mlkd_scale.data.sources import DataError, open_corpus
-from mlkd_scale.data.stream import COUNTERS, PackedStream
+from mlkd_scale.data.corpus.packing import LONG_TEXT, Packer, _pieces, make_encoder
+from mlkd_scale.data.corpus.sources import DataError, open_corpus
+from mlkd_scale.data.corpus.stream import COUNTERS, PackedStream
 from mlkd_scale.spec import DataSpec, SourceSpec
 
 WORDS = [
@@ -136,7 +136,7 @@ def test_bad_jsonl_records_are_skipped_counted_and_named(tok, tmp_path, caplog):
     assert good[0]["orig_id"] == "1" and good[1]["orig_id"] == "\\udc80"
     assert all(r["text"] == "" for r in recs if r["malformed"])  # never "42" or "['a', 'list']"
 
-    with caplog.at_level(logging.WARNING, logger="mlkd_scale.data.stream"):
+    with caplog.at_level(logging.WARNING, logger="mlkd_scale.data.corpus.stream"):
         stream = PackedStream(spec_for(path, L=8), tok, 0, 1, seed=0)
         ids = one_epoch(stream)
     good_ids = [r["id"] for r in good]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mlkd_scale.data import local_corpus
-from mlkd_scale.data.packing import Packer
-from mlkd_scale.data.sources import DataError, open_corpus
-from mlkd_scale.data.stream import PackedStream
+from mlkd_scale.data.corpus.packing import Packer
+from mlkd_scale.data.corpus.sources import DataError, open_corpus
+from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.spec import DataSpec, SourceSpec
 
 WORDS = (

@@ -8,7 +8,7 @@ from run_fixtures import make_teacher
 from scipy.stats import spearmanr
 
 from mlkd_scale import cli
-from mlkd_scale.evaluation import (
+from mlkd_scale.eval.agreement import (
     agreement_report,
     embedding_layer_embeddings,
     format_report,

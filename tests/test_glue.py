@@ -1,4 +1,4 @@
-"""GLUE readers (original files and hub), tokenization and the official metrics (mlkd_scale.data.glue*)."""
+"""GLUE readers (original files and hub), tokenization and the official metrics (mlkd_scale.tasks.glue.task*)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mlkd_scale.data import glue_metrics as gm
-from mlkd_scale.data.glue import (
+from mlkd_scale.tasks.glue.task import (
     TASKS,
     GlueExample,
     encode_glue,
@@ -180,7 +180,7 @@ def test_qqp_malformed_rows_are_skipped_and_counted(caplog):
     examples, skipped = read_glue_file("qqp", "train", task_dir("qqp") / "train.tsv")
     assert skipped == 2 and len(examples) == 10  # one row split over two lines by a newline
     assert "train-5006" not in {ex.guid for ex in examples}
-    with caplog.at_level(logging.WARNING, logger="mlkd_scale.data.glue"):
+    with caplog.at_level(logging.WARNING, logger="mlkd_scale.tasks.glue.task"):
         load_glue("qqp", "train", task_dir("qqp"))
     assert "skipped 2 malformed row(s)" in caplog.text
     assert read_glue_file("qqp", "validation", task_dir("qqp") / "dev.tsv")[1] == 0

@@ -8,8 +8,8 @@ import pytest
 from run_fixtures import check_ok, make_spec, run_launcher, sample_ids
 from transformers import AutoTokenizer
 
-from mlkd_scale.data.heldout import heldout_texts, is_heldout
-from mlkd_scale.data.stream import PackedStream
+from mlkd_scale.data.corpus.heldout import heldout_texts, is_heldout
+from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import SpecError, load_spec
 

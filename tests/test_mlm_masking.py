@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from mlkd_scale.data.mlm_masking import IGNORE_INDEX, BatchMasker, mask_tokens, masking_generator
+from mlkd_scale.data.corpus.mlm_masking import IGNORE_INDEX, BatchMasker, mask_tokens, masking_generator
 
 CLS, SEP, PAD, MASK, VOCAB = 1, 2, 0, 3, 1000
 SPECIAL = [PAD, CLS, SEP, MASK]

@@ -156,7 +156,7 @@ def test_bf16_models_give_fp32_losses_close_to_fp32_models():
 @pytest.mark.parametrize("mode", ["objective", "all"])
 def test_compiled_step_matches_eager(mode):
     """train.compile gives the eager loss terms and gradients (padding included), state-dict keys kept."""
-    from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
+    from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
 
     teacher, student, objective = _setup()
     teacher.eval(), student.eval()  # no dropout: both runs see the same forward

@@ -11,9 +11,9 @@ import torch
 from run_fixtures import child_env, make_corpus, make_spec, make_teacher, run_launcher, sample_ids
 from transformers import AutoTokenizer
 
-from mlkd_scale.data.pretokenized import PretokenizedStream, write_pretokenized
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.stream import PackedStream, open_stream
+from mlkd_scale.data.corpus.pretokenized import PretokenizedStream, write_pretokenized
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.data.corpus.stream import PackedStream, open_stream
 from mlkd_scale.spec import DataSpec
 
 SEQ = 32

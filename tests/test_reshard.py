@@ -22,9 +22,9 @@ import torch
 from run_fixtures import check_ok, make_spec, run_launcher
 from test_data import assert_same, make_source, roundtrip, spec_for
 
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.stream import PackedStream
-from mlkd_scale.data.stream_shards import ShardedStream, owned_shards, regroup
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.data.corpus.stream import PackedStream
+from mlkd_scale.data.corpus.stream_shards import ShardedStream, owned_shards, regroup
 from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, atomic_write
 from mlkd_scale.engine.checkpoint_files import describe
 from mlkd_scale.engine.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlkd_scale.data.sources import DataError, resolve_files
+from mlkd_scale.data.corpus.sources import DataError, resolve_files
 from mlkd_scale.spec import SourceSpec, SpecError, listing, load_spec
 from mlkd_scale.spec.fs import PathProblem, inspect_path, output_dir_problems
 from mlkd_scale.spec.listing import list_files, list_source_files

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd_scale.data.squad import (
+from mlkd_scale.tasks.squad.pipeline import (
     CLS_INDEX,
     SquadAnswer,
     SquadDataError,

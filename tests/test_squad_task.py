@@ -26,8 +26,8 @@ from transformers import (
     BertModel,
 )
 
-from mlkd_scale.data.squad import prepare_train_features, read_squad
-from mlkd_scale.data.squad_task import limit_questions, load_squad_task_data, squad_task_name
+from mlkd_scale.tasks.squad.pipeline import prepare_train_features, read_squad
+from mlkd_scale.tasks.squad.task import limit_questions, load_squad_task_data, squad_task_name
 from mlkd_scale.engine.task_finetune import run_finetune
 from mlkd_scale.engine.task_kd import run_task_kd
 from mlkd_scale.engine.task_run import evaluate_model_dir

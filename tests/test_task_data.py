@@ -9,9 +9,9 @@ import pytest
 from task_fixtures import GLUE
 from transformers import AutoTokenizer
 
-from mlkd_scale.data.augment import augment_dataset
-from mlkd_scale.data.glue import get_task
-from mlkd_scale.data.task_data import (
+from mlkd_scale.data.augment.augmenter import augment_dataset
+from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.tasks.data import (
     EpochSampler,
     load_task_data,
     parse_label,
@@ -101,7 +101,7 @@ def tokenizer():
 
 
 def test_stage1_trains_on_the_augmentation_cache(tmp_path: Path, tokenizer) -> None:
-    from mlkd_scale.data.augment_inputs import TASKS, read_examples
+    from mlkd_scale.data.augment.inputs import TASKS, read_examples
 
     preset = TASKS["rte"]
     examples = read_examples(GLUE / "RTE" / "train.tsv", preset.text_a, preset.text_b, preset.label)
@@ -169,8 +169,8 @@ def test_general_spec_still_needs_a_budget(tmp_path: Path) -> None:
 
 
 def test_toy_sentiment_task_reads_as_sst2(tmp_path: Path, tokenizer) -> None:
-    from mlkd_scale.data.glue import load_glue
-    from mlkd_scale.data.task_data import write_toy_sentiment
+    from mlkd_scale.tasks.glue.task import load_glue
+    from mlkd_scale.tasks.data import write_toy_sentiment
 
     write_toy_sentiment(tmp_path, train_size=60, dev_size=30, seed=3)
     train, dev = load_glue("sst2", "train", tmp_path), load_glue("sst2", "validation", tmp_path)

@@ -20,7 +20,7 @@ from transformers import (
     BertModel,
 )
 
-from mlkd_scale.data.glue import TASKS, get_task
+from mlkd_scale.tasks.glue.task import TASKS, get_task
 from mlkd_scale.engine.checkpoint import read_complete
 from mlkd_scale.engine.task_finetune import run_finetune
 from mlkd_scale.engine.task_kd import (
@@ -110,7 +110,7 @@ def test_stop_anywhere_and_resume_exactly(tmp_path: Path, world, capsys) -> None
     spec = load_spec(tmp_path / "resumed" / "spec.json")
 
     def module_factory(student):
-        from mlkd_scale.engine.module import DistillationModule
+        from mlkd_scale.models.distillation_module import DistillationModule
         from mlkd_scale.losses import DistillationObjective
 
         return DistillationModule(student, DistillationObjective(spec.losses, teacher_model.config, student.config, 2))
@@ -164,9 +164,9 @@ def test_stage2_reads_the_augmentation_cache_only_when_asked(tmp_path: Path, wor
     from task_fixtures import GLUE
     from test_task_data import _CopyAugmenter
 
-    from mlkd_scale.data.augment import augment_dataset
-    from mlkd_scale.data.augment_inputs import TASKS as AUGMENT_TASKS
-    from mlkd_scale.data.augment_inputs import read_examples
+    from mlkd_scale.data.augment.augmenter import augment_dataset
+    from mlkd_scale.data.augment.inputs import TASKS as AUGMENT_TASKS
+    from mlkd_scale.data.augment.inputs import read_examples
 
     preset = AUGMENT_TASKS["sst-2"]
     examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)

@@ -25,8 +25,8 @@ from run_fixtures import check_ok, save_tiny_bert
 from task_fixtures import GLUE, make_task_teacher, run_task_launcher, task_spec
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from mlkd_scale.data.glue import get_task
-from mlkd_scale.data.task_data import load_task_data
+from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.tasks.data import load_task_data
 from mlkd_scale.engine import teacher_cache
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.task_kd import load_task_teacher, run_task_kd
@@ -349,9 +349,9 @@ def test_a_resumed_cached_run_reuses_its_cache_and_has_the_live_runs_losses(tmp_
 def test_augmented_stage1_data_is_cached_or_falls_back_by_size(tmp_path: Path, world, capsys) -> None:
     from test_task_data import _CopyAugmenter
 
-    from mlkd_scale.data.augment import augment_dataset
-    from mlkd_scale.data.augment_inputs import TASKS as AUGMENT_TASKS
-    from mlkd_scale.data.augment_inputs import read_examples
+    from mlkd_scale.data.augment.augmenter import augment_dataset
+    from mlkd_scale.data.augment.inputs import TASKS as AUGMENT_TASKS
+    from mlkd_scale.data.augment.inputs import read_examples
 
     preset = AUGMENT_TASKS["sst-2"]
     examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)

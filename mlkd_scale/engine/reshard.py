@@ -12,9 +12,9 @@ The run must know before it builds its engine, so :func:`prepare_resume` runs fi
   ``mp_rank_00`` / ``zero_pp_rank_0`` model-states file, as in a normal load. At the same world
   size nothing changes: the normal checkpoint is loaded.
 * **Data position**: the corpus is split into world-size independent stream shards
-  (:mod:`mlkd_scale.data.stream_shards`); each rank file of the checkpoint holds the positions of
+  (:mod:`mlkd_scale.data.corpus.stream_shards`); each rank file of the checkpoint holds the positions of
   the shards its rank read, and a new rank collects its shards' positions from the old rank files
-  that hold them (:func:`~mlkd_scale.data.stream_shards.regroup`).
+  that hold them (:func:`~mlkd_scale.data.corpus.stream_shards.regroup`).
 * **RNG** (dropout): new rank ``r`` takes old rank ``r``'s generator states when that rank existed;
   a rank that did not exist gets seeds derived from ``(run.seed, rank, step)``
   (:func:`derived_seed`), so a resumed run is still reproducible.
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from deepspeed.runtime.utils import set_random_seed
 
-from mlkd_scale.data.pretokenized import PretokenizedStream
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.stream_shards import ShardedStream, check_world_size, owned_shards, regroup, shard_states
+from mlkd_scale.data.corpus.pretokenized import PretokenizedStream
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.data.corpus.stream_shards import ShardedStream, check_world_size, owned_shards, regroup, shard_states
 from mlkd_scale.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,

@@ -9,7 +9,7 @@ by the task's main metric to ``<output_dir>/teacher`` (``AutoModelForSequenceCla
 loads it; ``eval_results.json`` holds its dev metrics).
 
 SQuAD: the head is a question-answering head (``AutoModelForQuestionAnswering`` loads the export),
-the loss the mean of the start and end cross-entropies (:mod:`mlkd_scale.engine.qa_head`), and
+the loss the mean of the start and end cross-entropies (:mod:`mlkd_scale.models.qa_head`), and
 checkpoints are selected on dev F1 (or EM, ``task.squad.selection_metric``).
 """
 
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from mlkd_scale.data.squad_task import is_squad_task
+from mlkd_scale.tasks.squad.task import is_squad_task
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.module import MODEL_INPUTS
-from mlkd_scale.engine.qa_head import SpanSupervisedModule, qa_model_for_finetuning
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
+from mlkd_scale.models.qa_head import SpanSupervisedModule, qa_model_for_finetuning
 from mlkd_scale.engine.task_run import (
     export_best,
     label_config,

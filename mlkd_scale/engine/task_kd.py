@@ -34,12 +34,12 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from mlkd_scale.data.glue import GlueTask, teacher_label_order
-from mlkd_scale.data.squad_task import is_squad_task
+from mlkd_scale.tasks.glue.task import GlueTask, teacher_label_order
+from mlkd_scale.tasks.squad.task import is_squad_task
 from mlkd_scale.engine.checkpoint import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.engine.qa_head import load_qa_teacher
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
+from mlkd_scale.models.qa_head import load_qa_teacher
 from mlkd_scale.engine.task_run import (
     cached_dev_metrics,
     export_best,

@@ -9,14 +9,14 @@ import torch
 from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
-from mlkd_scale.data.glue import GlueTask
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.squad_task import is_squad_task
-from mlkd_scale.data.task_data import load_task_data
+from mlkd_scale.tasks.glue.task import GlueTask
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.tasks.squad.task import is_squad_task
+from mlkd_scale.tasks.data import load_task_data
 from mlkd_scale.engine.checkpoint import atomic_write_text
 from mlkd_scale.engine.checkpoint_files import claim_folder, read_json_record
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
-from mlkd_scale.engine.evaluate import PredictFn, evaluate, format_metrics
+from mlkd_scale.eval.dev import PredictFn, evaluate, format_metrics
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.task_stage import TaskContext
 from mlkd_scale.models import check_model_fit
@@ -130,7 +130,7 @@ def evaluate_model_dir(model_dir: str | Path, task_spec, batch_size: int | None 
     """
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    from mlkd_scale.data.glue import teacher_label_order
+    from mlkd_scale.tasks.glue.task import teacher_label_order
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_task_data(task_spec, tokenizer, with_augmented=False)

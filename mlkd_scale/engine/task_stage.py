@@ -30,12 +30,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mlkd_scale.data.glue import GlueTask
-from mlkd_scale.data.task_data import EncodedSplit, EpochSampler, steps_for
+from mlkd_scale.tasks.glue.task import GlueTask
+from mlkd_scale.tasks.data import EncodedSplit, EpochSampler, steps_for
 from mlkd_scale.engine.checkpoint import CheckpointManager, atomic_write_text, tag_for
 from mlkd_scale.engine.checkpoint_files import read_json_record
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.evaluate import PredictFn, evaluate, flat_metrics, format_metrics
+from mlkd_scale.eval.dev import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.engine.export import consolidated_state_dict
 from mlkd_scale.engine.loop import LossFn, build_engine
 from mlkd_scale.engine.reshard import Resume

@@ -28,7 +28,7 @@ Another key is another directory; rank 0 deletes the stage's caches of other key
         rank00000/    one shard per rank (:mod:`~mlkd_scale.engine.teacher_cache_store`: written in
         rank00001/    place, committed every ~COMMIT_ROWS rows, COMPLETE written last)
 
-Sharding: :class:`~mlkd_scale.data.task_data.EpochSampler` gives each rank a *different* subset every
+Sharding: :class:`~mlkd_scale.tasks.data.EpochSampler` gives each rank a *different* subset every
 epoch (a fresh permutation split ``perm[rank::world]``), so over the epochs every rank needs every
 sample. Each rank therefore *computes* one fixed shard — samples ``i`` with ``i % world == rank``, at row
 ``i // world`` — so the work is split evenly and each sample is run once, and *reads* every shard,
@@ -73,9 +73,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mlkd_scale.data.task_data import EncodedSplit
+from mlkd_scale.tasks.data import EncodedSplit
 from mlkd_scale.engine.checkpoint import atomic_write_text
-from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.engine.teacher_cache_store import (
     STORAGE,
     FieldSpec,

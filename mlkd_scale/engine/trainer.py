@@ -7,7 +7,7 @@ exists and runs the loop; :meth:`Trainer.train` runs it, exports and summarises.
 
 When the objective reads masked-language-model predictions (the distilbert preset), teacher and
 student are ``AutoModelForMaskedLM`` models and every micro batch is corrupted on the CPU
-(:mod:`mlkd_scale.data.mlm_masking`) before both see it; the labels go to the objective.
+(:mod:`mlkd_scale.data.corpus.mlm_masking`) before both see it; the labels go to the objective.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import logging as hf_logging
 
-from mlkd_scale.data.mlm_masking import BatchMasker
+from mlkd_scale.data.corpus.mlm_masking import BatchMasker
 from mlkd_scale.engine.checkpoint import CheckpointManager, tag_for
 from mlkd_scale.engine.checkpoint_files import claim_folder
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export import export_checkpoint
 from mlkd_scale.engine.faults import is_comm_failure
-from mlkd_scale.engine.heldout_eval import HeldoutEval, HeldoutEvaluator
+from mlkd_scale.eval.heldout import HeldoutEval, HeldoutEvaluator
 from mlkd_scale.engine.loop import build_engine
-from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule, compile_for_speed
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.engine.reshard import prepare_resume
 from mlkd_scale.engine.stage_runner import StageParts, StageRunner
 from mlkd_scale.engine.teacher_placement import place_teacher

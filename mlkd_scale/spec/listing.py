@@ -6,7 +6,7 @@ and cannot be stopped half-way (it yields only matches), so a too-broad pattern 
 minutes. :func:`list_source_files` walks with ``os.scandir`` itself and counts every directory entry
 it looks at: past :data:`MAX_LISTED_ENTRIES` entries or :data:`MAX_LISTING_SECONDS` seconds it stops
 with a :class:`~mlkd_scale.spec.fs.PathProblem` naming the field, the pattern and how to narrow it.
-``mlkd-scale validate`` (:mod:`mlkd_scale.spec.paths`) and the run (:mod:`mlkd_scale.data.sources`)
+``mlkd-scale validate`` (:mod:`mlkd_scale.spec.paths`) and the run (:mod:`mlkd_scale.data.corpus.sources`)
 both call it, so they agree on which files a source has.
 
 Glob rules are ``glob.glob``'s with ``recursive=True``: ``**`` (a whole component) matches zero or

@@ -134,7 +134,7 @@ class DataSpec(StrictModel):
         gt=0,
         lt=1,
         description="Share of the non-special tokens picked for masked-language modelling (80 % [MASK], 10 % a "
-        "random token, 10 % kept; mlkd_scale/data/mlm_masking.py) in runs whose loss terms read MLM "
+        "random token, 10 % kept; mlkd_scale/data/corpus/mlm_masking.py) in runs whose loss terms read MLM "
         "predictions (the distilbert preset's stage 1); unused otherwise.",
     )
     heldout_fraction: float = Field(

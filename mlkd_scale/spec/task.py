@@ -132,8 +132,8 @@ class TaskSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from mlkd_scale.data.glue import get_task
-        from mlkd_scale.data.squad_task import squad_task_name
+        from mlkd_scale.tasks.glue.task import get_task
+        from mlkd_scale.tasks.squad.task import squad_task_name
 
         squad = squad_task_name(value)
         if squad is not None:
@@ -152,7 +152,7 @@ class TaskSpec(StrictModel):
     def _squad_defaults(cls, data: Any) -> Any:
         """SQuAD runs get a squad section with its defaults and windows of 384 tokens unless set."""
         if isinstance(data, dict) and isinstance(data.get("name"), str):
-            from mlkd_scale.data.squad_task import squad_task_name
+            from mlkd_scale.tasks.squad.task import squad_task_name
 
             if squad_task_name(data["name"]) is not None:
                 data = {**data, "max_seq_length": data.get("max_seq_length", 384), "squad": data.get("squad") or {}}

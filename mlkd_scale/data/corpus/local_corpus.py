@@ -4,7 +4,7 @@ The quick-start and the tests need real English prose without a download. The do
 Python's standard-library modules, classes and functions are exactly that, ship with every Python
 (PSF license) and are the same on every machine with the same Python build.
 
-    python -m mlkd_scale.data.local_corpus OUT_DIR
+    python -m mlkd_scale.data.corpus.local_corpus OUT_DIR
 
 writes ``OUT_DIR/train.jsonl`` and ``OUT_DIR/heldout.jsonl`` (about 95 / 5 %, split by a hash of
 the text), one ``{"id": "<dotted name>", "text": ...}`` per line, and prints their sizes. The output
@@ -194,7 +194,7 @@ def heldout_sentences(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m mlkd_scale.data.local_corpus OUT_DIR", file=sys.stderr)
+        print("usage: python -m mlkd_scale.data.corpus.local_corpus OUT_DIR", file=sys.stderr)
         return 2
     sizes = build_corpus(argv[0])
     for split, s in sizes.items():

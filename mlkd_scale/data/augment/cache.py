@@ -5,7 +5,7 @@ ranks (rank ``r`` takes the examples whose index ``i % world_size == r``) and ev
 to its own shard, committing its position after each chunk of examples. A killed run restarts
 where it stopped: each shard is truncated back to its last committed byte (dropping a partial
 trailing line and any example written after the last commit), and committed examples are skipped.
-Because :class:`~mlkd_scale.data.augment.Augmenter` seeds a local RNG per example, the final cache
+Because :class:`~mlkd_scale.data.augment.augmenter.Augmenter` seeds a local RNG per example, the final cache
 is the same whether a run was interrupted or not, and whatever the world size.
 
 Layout of ``out_dir``::

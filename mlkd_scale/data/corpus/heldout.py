@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
-from mlkd_scale.data.sources import count_record, open_corpus
+from mlkd_scale.data.corpus.sources import count_record, open_corpus
 
 
 def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:

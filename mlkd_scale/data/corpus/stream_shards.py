@@ -2,7 +2,7 @@
 
 A run's corpus is split into a fixed number ``V`` of *stream shards* (``data.stream_shards``; unset =
 the world size of the first launch, then fixed: it is recorded in every checkpoint). Shard ``v`` is
-exactly the per-rank pipeline of :class:`~mlkd_scale.data.stream.PackedStream` with
+exactly the per-rank pipeline of :class:`~mlkd_scale.data.corpus.stream.PackedStream` with
 ``(rank=v, world_size=V)``: its own slice of the sources, its own shuffle buffer (seed
 ``[seed, v]``), its own packer. Rank ``r`` of ``W`` owns the shards ``{v : v % W == r}`` and takes
 its micro batches from them in turn (micro batch ``i`` from its ``(cursor + i) % len(shards)``-th
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from mlkd_scale.data.packing import collate
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.data.stream import COUNTERS, PackedStream
+from mlkd_scale.data.corpus.packing import collate
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.data.corpus.stream import COUNTERS, PackedStream
 from mlkd_scale.spec import DataSpec
 
 STATE_KIND = "stream_shards"

@@ -28,7 +28,7 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from mlkd_scale.data.squad_examples import SquadDataError, SquadExample
+from mlkd_scale.tasks.squad.examples import SquadDataError, SquadExample
 
 log = logging.getLogger("mlkd_scale")
 
@@ -133,7 +133,7 @@ def best_threshold(
     """``(best score in percent, threshold)``: the null-score threshold that maximises the v2.0 metric.
 
     ``non_null_answers`` and ``null_diffs`` come from
-    :func:`~mlkd_scale.data.squad_postprocess.postprocess_predictions`; a question abstains
+    :func:`~mlkd_scale.tasks.squad.postprocess.postprocess_predictions`; a question abstains
     (predicts ``""``) when its null diff is above the threshold. As in the official
     ``find_best_thresh``: start from "abstain everywhere" (each unanswerable question scores 1),
     then answer the questions in increasing null-diff order -- each one changes the total by

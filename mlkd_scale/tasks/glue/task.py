@@ -38,7 +38,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mlkd_scale.data.glue_tsv import GlueExample, TsvLayout, read_tsv
+from mlkd_scale.tasks.glue.tsv import GlueExample, TsvLayout, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def read_glue_file(
 ) -> tuple[list[GlueExample], int]:
     """Read one TSV of the original distribution: ``(examples, number of malformed rows skipped)``.
 
-    See :func:`~mlkd_scale.data.glue_tsv.read_tsv`: a malformed row, a file that is not UTF-8 and a
+    See :func:`~mlkd_scale.tasks.glue.tsv.read_tsv`: a malformed row, a file that is not UTF-8 and a
     file without data rows are each a one-line :class:`~mlkd_scale.errors.DataError` naming the file.
     """
     spec = get_task(task)

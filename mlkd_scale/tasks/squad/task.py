@@ -1,15 +1,15 @@
 """SQuAD v1.1 / v2.0 as a task of teacher fine-tuning and task distillation.
 
-This module joins the SQuAD pipeline (:mod:`mlkd_scale.data.squad`) to the task machinery that
-GLUE uses (:mod:`mlkd_scale.data.task_data`, :mod:`mlkd_scale.engine.task_stage`):
+This module joins the SQuAD pipeline (:mod:`mlkd_scale.tasks.squad.pipeline`) to the task machinery that
+GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task_stage`):
 
 * :func:`squad_task_name` reads any spelling of the task name ('squad', 'SQuAD1.1', 'squad-v2',
   'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;
-* :class:`SquadTask` plays the part of :class:`~mlkd_scale.data.glue.GlueTask` (name, main metric,
+* :class:`SquadTask` plays the part of :class:`~mlkd_scale.tasks.glue.task.GlueTask` (name, main metric,
   dev splits) for the stages, reports and exports;
 * :func:`load_squad_task_data` reads the examples (official JSON files or the hub), cuts long
   questions to ``task.squad.max_query_length`` tokens, builds doc-stride windows for train and dev
-  and returns them as the same :class:`~mlkd_scale.data.task_data.TaskData` GLUE runs get. Train
+  and returns them as the same :class:`~mlkd_scale.tasks.data.TaskData` GLUE runs get. Train
   windows carry ``start_positions``/``end_positions`` ([CLS] for no answer) and ``span_mask``;
 * :class:`SquadDevSplit` scores the start/end logits of its windows: post-processing (n-best,
   maximum answer length, v2.0 null threshold) and the official EM/F1.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlkd_scale.data.squad import (
+from mlkd_scale.tasks.squad.pipeline import (
     CLS_INDEX,
     SquadDataError,
     SquadExample,
@@ -41,7 +41,7 @@ from mlkd_scale.data.squad import (
     read_squad_json,
     squad_metrics,
 )
-from mlkd_scale.data.task_data import EncodedSplit, TaskData
+from mlkd_scale.tasks.data import EncodedSplit, TaskData
 
 if TYPE_CHECKING:
     from mlkd_scale.spec import SquadSpec, TaskSpec

@@ -21,17 +21,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from mlkd_scale.data.heldout import is_heldout
-from mlkd_scale.data.packing import Packer, collate
-from mlkd_scale.data.pretokenized import PretokenizedStream
-from mlkd_scale.data.shuffle import Doc, ShuffleBuffer
-from mlkd_scale.data.sources import DataError, count_record, open_corpus
+from mlkd_scale.data.corpus.heldout import is_heldout
+from mlkd_scale.data.corpus.packing import Packer, collate
+from mlkd_scale.data.corpus.pretokenized import PretokenizedStream
+from mlkd_scale.data.corpus.shuffle import Doc, ShuffleBuffer
+from mlkd_scale.data.corpus.sources import DataError, count_record, open_corpus
 from mlkd_scale.spec import DataSpec
 
 STATE_VERSION = 1
 #: ``documents_skipped`` counts every record not trained on (empty, no tokens, malformed);
 #: ``documents_malformed`` the malformed ones among them (bad JSON or UTF-8, a text that is not a
-#: string, a missing text field; see :mod:`mlkd_scale.data.sources`).
+#: string, a missing text field; see :mod:`mlkd_scale.data.corpus.sources`).
 COUNTERS = (
     "documents_read", "documents_skipped", "documents_malformed", "documents_heldout", "documents_packed", "sequences",
 )

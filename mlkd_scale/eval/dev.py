@@ -6,7 +6,7 @@ gathers its parameters collectively in each forward. Predictions travel to rank 
 them back in dataset order and computes the official GLUE metrics; the metrics are then broadcast,
 so every rank takes the same best-checkpoint decision.
 
-SQuAD dev splits (:class:`~mlkd_scale.data.squad_task.SquadDevSplit`) hold windows, not examples:
+SQuAD dev splits (:class:`~mlkd_scale.tasks.squad.task.SquadDevSplit`) hold windows, not examples:
 the prediction of a window is its ``[2, L]`` start/end logits, and the split scores itself
 (post-processing to answer texts, official EM/F1).
 """
@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from mlkd_scale.data.glue import GlueTask
-from mlkd_scale.data.glue_metrics import glue_metrics
-from mlkd_scale.data.squad_task import SquadDevSplit
-from mlkd_scale.data.task_data import EncodedSplit
+from mlkd_scale.tasks.glue.task import GlueTask
+from mlkd_scale.tasks.glue.metrics import glue_metrics
+from mlkd_scale.tasks.squad.task import SquadDevSplit
+from mlkd_scale.tasks.data import EncodedSplit
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 
 #: ``predict(inputs) -> logits [B, C]`` (scores ``[B, 1]``; SQuAD ``[B, 2, L]``) for a batch of model inputs.
 PredictFn = Callable[[dict], torch.Tensor]

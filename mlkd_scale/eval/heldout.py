@@ -1,7 +1,7 @@
 """Evaluation during general distillation: the held-out Stage-1 loss and the agreement with the teacher.
 
 Every ``eval.every_n_steps`` the trainer calls :meth:`HeldoutEval.run`. On the documents
-``data.heldout_fraction`` keeps out of training (:mod:`mlkd_scale.data.heldout`; the first
+``data.heldout_fraction`` keeps out of training (:mod:`mlkd_scale.data.corpus.heldout`; the first
 ``eval.max_documents``, each cut to ``data.max_seq_length`` tokens, padded per batch) it computes
 
 * ``eval/loss_<term>`` and ``eval/loss_total``: the run's own Stage-1 objective (teacher taps,
@@ -9,7 +9,7 @@ Every ``eval.every_n_steps`` the trainer calls :meth:`HeldoutEval.run`. On the d
   batches and the ranks;
 * ``eval/agreement``: the Spearman correlation of the student's and the teacher's pairwise
   similarities of the documents' mean-pooled last hidden states — what ``mlkd-scale agreement``
-  computes (:mod:`mlkd_scale.evaluation`), here on the live student.
+  computes (:mod:`mlkd_scale.eval.agreement`), here on the live student.
 
 Every rank evaluates every document (ZeRO-3 needs all ranks in every forward); the teacher's
 embeddings are computed once. ``best(...)`` says whether a result beats the best so far by
@@ -22,11 +22,11 @@ import math
 
 import torch
 
-from mlkd_scale.data.heldout import heldout_texts
-from mlkd_scale.data.sources import DataError
-from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.data.corpus.heldout import heldout_texts
+from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.engine.stage_runner import Evaluation
-from mlkd_scale.evaluation import similarity_agreement
+from mlkd_scale.eval.agreement import similarity_agreement
 from mlkd_scale.spec import RunSpec
 
 

@@ -4,7 +4,7 @@ TinyBERT enlarges each task's training set by word replacement: for every exampl
 original plus ``n`` variants; in each variant every eligible word is, with probability ``p``,
 replaced by one of its ``k`` candidates. Candidates of a word that is a single WordPiece are the
 masked LM's top-``k`` predictions at that position when the word is masked; candidates of a
-multi-piece word come from a :class:`~mlkd_scale.data.augment_neighbours.WordNeighbours` backend
+multi-piece word come from a :class:`~mlkd_scale.data.augment.neighbours.WordNeighbours` backend
 (GloVe in TinyBERT). Eligible words are alphabetic and not stop words.
 
 Kept from TinyBERT's ``data_augmentation.py``:
@@ -29,10 +29,10 @@ Deviations (documented, each for a reason):
 * the random draws come from a local RNG seeded from ``(seed, example_id)``, so the variants of an
   example do not depend on rank, world size, order or resumption;
 * multi-piece words use GloVe only with ``--glove``; the default backend is the masked LM's input
-  embeddings (see :mod:`~mlkd_scale.data.augment_neighbours`).
+  embeddings (see :mod:`~mlkd_scale.data.augment.neighbours`).
 
-The sharded, resumable on-disk runner lives in :mod:`~mlkd_scale.data.augment_cache`; this module
-re-exports it, so ``from mlkd_scale.data.augment import ...`` is the whole public API.
+The sharded, resumable on-disk runner lives in :mod:`~mlkd_scale.data.augment.cache`; this module
+re-exports it, so ``from mlkd_scale.data.augment.augmenter import ...`` is the whole public API.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mlkd_scale.data.augment_cache import AugmentCacheError, augment_dataset, iter_augmented, load_augmented
-from mlkd_scale.data.augment_neighbours import EmbeddingNeighbours, GloveNeighbours, WordNeighbours
+from mlkd_scale.data.augment.cache import AugmentCacheError, augment_dataset, iter_augmented, load_augmented
+from mlkd_scale.data.augment.neighbours import EmbeddingNeighbours, GloveNeighbours, WordNeighbours
 
 __all__ = [
     "STOPWORDS",

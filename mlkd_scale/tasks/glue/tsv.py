@@ -1,6 +1,6 @@
 """The TSV files of the original GLUE distribution: where each file keeps its fields, and the reader.
 
-:mod:`mlkd_scale.data.glue` holds the task registry and says which layout each split's file has;
+:mod:`mlkd_scale.tasks.glue.task` holds the task registry and says which layout each split's file has;
 this module reads one such file into :class:`GlueExample` rows. Everything wrong with a file is one
 :class:`~mlkd_scale.errors.DataError` line naming the file (and the line, or the byte offset) and the
 fix: a malformed row (except for QQP, whose known broken rows are skipped and counted), a wrong
@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlkd_scale.data.utf8 import not_utf8
+from mlkd_scale.tasks.utf8 import not_utf8
 from mlkd_scale.errors import DataError
 
 if TYPE_CHECKING:
-    from mlkd_scale.data.glue import GlueTask
+    from mlkd_scale.tasks.glue.task import GlueTask
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlkd_scale.data.packing import Packer, make_encoder
-from mlkd_scale.data.sources import DataError, count_record, open_corpus, source_label
+from mlkd_scale.data.corpus.packing import Packer, make_encoder
+from mlkd_scale.data.corpus.sources import DataError, count_record, open_corpus, source_label
 from mlkd_scale.spec import DataSpec
 
 FORMAT = 1
@@ -95,7 +95,7 @@ def write_pretokenized(
     """Tokenize and pack one pass over ``data.sources`` into ``out_dir``; return its meta.
 
     ``workers`` processes tokenize (0 = in this process). Documents are packed in corpus order,
-    exactly as :class:`~mlkd_scale.data.stream.PackedStream` packs them with ``shuffle_buffer=0``.
+    exactly as :class:`~mlkd_scale.data.corpus.stream.PackedStream` packs them with ``shuffle_buffer=0``.
     Refuses to overwrite a complete directory.
     """
     from transformers import AutoTokenizer
@@ -213,7 +213,7 @@ def read_meta(directory: str | Path) -> dict:
 
 class PretokenizedStream:
     """This rank's packed sequences from a pretokenized directory: the interface of
-    :class:`~mlkd_scale.data.stream.PackedStream` (``next_batch``, ``stats``, ``state_dict``).
+    :class:`~mlkd_scale.data.corpus.stream.PackedStream` (``next_batch``, ``stats``, ``state_dict``).
 
     ``doc_ids`` in a batch are the source ids (from ``doc_ids.txt``) of the documents that start in
     each sequence, read through a memory map by byte offsets: no rank ever holds the whole id list.

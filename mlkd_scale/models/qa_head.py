@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForQuestionAnswering, PreTrainedModel
 
-from mlkd_scale.engine.module import MODEL_INPUTS
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.spec import SpecError
 

@@ -9,7 +9,7 @@ so that several sources can be interleaved by weight and the whole corpus split 
 
 Local sources are a sharded ``IterableDataset.from_generator`` with one shard per file (listed by
 the bounded :func:`~mlkd_scale.spec.listing.list_source_files` that validation uses too), reading
-each file with a small reader (:mod:`~mlkd_scale.data.source_records`: text lines, JSON Lines / JSON
+each file with a small reader (:mod:`~mlkd_scale.data.corpus.source_records`: text lines, JSON Lines / JSON
 array, parquet rows) rather than one
 ``load_dataset("json", data_files=...)`` over all files. Two reasons: the generator knows which
 file and row it is on, so the id ``"<source>:<file>:<row>"`` stays the same when
@@ -69,7 +69,7 @@ from typing import Any
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from mlkd_scale.data.source_records import (
+from mlkd_scale.data.corpus.source_records import (
     SURROGATE,
     check_parquet_text,
     checked_rows,

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from mlkd_scale.data.utf8 import not_utf8
+from mlkd_scale.tasks.utf8 import not_utf8
 from mlkd_scale.errors import DataError
 
 log = logging.getLogger("mlkd_scale")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlkd_scale.data.glue import GlueExample, GlueTask, encode_glue, get_task, load_glue
+from mlkd_scale.tasks.glue.task import GlueExample, GlueTask, encode_glue, get_task, load_glue
 from mlkd_scale.spec import TaskSpec
 
 #: The tensors of an encoded split that the models take (labels separately).
@@ -78,10 +78,10 @@ class TaskData:
 def load_task_data(spec: TaskSpec, tokenizer, with_augmented: bool = True) -> TaskData:
     """Read and encode the task's train and dev splits (and the augmentation cache, for Stage 1).
 
-    SQuAD tasks are read and cut into windows by :func:`~mlkd_scale.data.squad_task.load_squad_task_data`.
+    SQuAD tasks are read and cut into windows by :func:`~mlkd_scale.tasks.squad.task.load_squad_task_data`.
     """
     if spec.is_squad:
-        from mlkd_scale.data.squad_task import load_squad_task_data
+        from mlkd_scale.tasks.squad.task import load_squad_task_data
 
         return load_squad_task_data(spec, tokenizer)
     task = get_task(spec.name)
@@ -99,7 +99,7 @@ def load_task_data(spec: TaskSpec, tokenizer, with_augmented: bool = True) -> Ta
 
 def augmented_examples(task: GlueTask, cache_dir: str) -> list[GlueExample]:
     """The rows of a finished augmentation cache as labelled examples of ``task``."""
-    from mlkd_scale.data.augment import load_augmented
+    from mlkd_scale.data.augment.augmenter import load_augmented
 
     examples = []
     for row in load_augmented(cache_dir):
@@ -249,7 +249,7 @@ def write_toy_sentiment(out_dir, train_size: int = 500, dev_size: int = 250, see
         (out / name).write_text("sentence\tlabel\n" + "".join(rows), encoding="utf-8")
 
 
-if __name__ == "__main__":  # python -m mlkd_scale.data.task_data DIR: the quick-start's toy SST-2
+if __name__ == "__main__":  # python -m mlkd_scale.tasks.data DIR: the quick-start's toy SST-2
     import sys
 
     write_toy_sentiment(sys.argv[1])

@@ -2,13 +2,13 @@
 
 The pipeline, each step in its own module:
 
-1. :mod:`~mlkd_scale.data.squad_examples` -- official JSON files or the hub copies
+1. :mod:`~mlkd_scale.tasks.squad.examples` -- official JSON files or the hub copies
    (``rajpurkar/squad``, ``rajpurkar/squad_v2``) -> ``list[SquadExample]``, answer offsets checked.
-2. :mod:`~mlkd_scale.data.squad_features` -- examples -> padded, doc-stride windows with
+2. :mod:`~mlkd_scale.tasks.squad.features` -- examples -> padded, doc-stride windows with
    start/end labels (train) or context offsets (eval), as in Hugging Face ``run_qa.py``.
-3. :mod:`~mlkd_scale.data.squad_postprocess` -- start/end logits -> one answer per question,
+3. :mod:`~mlkd_scale.tasks.squad.postprocess` -- start/end logits -> one answer per question,
    with the v2.0 null-score rule and the per-question null-score differences.
-4. :mod:`~mlkd_scale.data.squad_metrics` -- the official EM/F1 (v1.1 and v2.0 rules) and the
+4. :mod:`~mlkd_scale.tasks.squad.metrics` -- the official EM/F1 (v1.1 and v2.0 rules) and the
    dev-set tuning of the v2.0 null threshold.
 
 Typical evaluation::
@@ -22,7 +22,7 @@ Typical evaluation::
                            examples, version_2=True)
 """
 
-from mlkd_scale.data.squad_examples import (
+from mlkd_scale.tasks.squad.examples import (
     SquadAnswer,
     SquadDataError,
     SquadExample,
@@ -32,20 +32,20 @@ from mlkd_scale.data.squad_examples import (
     read_squad,
     read_squad_json,
 )
-from mlkd_scale.data.squad_features import (
+from mlkd_scale.tasks.squad.features import (
     CLS_INDEX,
     model_inputs,
     prepare_eval_features,
     prepare_train_features,
 )
-from mlkd_scale.data.squad_metrics import (
+from mlkd_scale.tasks.squad.metrics import (
     best_threshold,
     exact_match,
     f1,
     normalize_answer,
     squad_metrics,
 )
-from mlkd_scale.data.squad_postprocess import SquadPredictions, apply_threshold, postprocess_predictions
+from mlkd_scale.tasks.squad.postprocess import SquadPredictions, apply_threshold, postprocess_predictions
 
 __all__ = [
     "CLS_INDEX",

@@ -10,7 +10,7 @@ SQuAD v2.0 adds abstention: the null score of a window is ``start[0] + end[0]`` 
 the question's null score is the minimum over its windows (the window most confident that an
 answer exists), and the prediction is ``""`` when ``null_score - best_non_null > threshold``.
 That difference is returned per question so that the threshold can be tuned on dev
-(:func:`~mlkd_scale.data.squad_metrics.best_threshold`) without recomputing logits.
+(:func:`~mlkd_scale.tasks.squad.metrics.best_threshold`) without recomputing logits.
 
 Where no candidate exists at all (every top pair invalid) the best non-null answer is ``""`` with
 score ``-inf`` (so its null-score difference is ``+inf``); ``run_qa.py`` predicts the placeholder
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mlkd_scale.data.squad_examples import SquadDataError, SquadExample
+from mlkd_scale.tasks.squad.examples import SquadDataError, SquadExample
 
 
 class SquadPredictions(NamedTuple):
@@ -78,7 +78,7 @@ def postprocess_predictions(
 ) -> SquadPredictions:
     """One answer per example from per-feature logits ([F, L] arrays/tensors, F = features' rows).
 
-    ``features`` is what :func:`~mlkd_scale.data.squad_features.prepare_eval_features` returned
+    ``features`` is what :func:`~mlkd_scale.tasks.squad.features.prepare_eval_features` returned
     for the same ``examples``. Returns ``(answers, null_diffs, non_null_answers)``; for v1.1
     ``answers == non_null_answers``.
     """

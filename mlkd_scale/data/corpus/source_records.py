@@ -1,6 +1,6 @@
 """The records of one local corpus file (text lines, JSON Lines or one JSON array, parquet rows).
 
-Split from :mod:`mlkd_scale.data.sources`, whose module docstring has the rules for bad input that
+Split from :mod:`mlkd_scale.data.corpus.sources`, whose module docstring has the rules for bad input that
 these readers implement: a malformed *record* comes back as a :class:`Row` with its ``problem`` (the
 stream skips and counts it), a malformed *first* record or an unreadable file is a
 :class:`~mlkd_scale.errors.DataError` naming the file and line.
@@ -161,7 +161,7 @@ def read_file(file: str, fmt: str) -> Iterator[dict]:
 
     text: one record ``{"text": line}`` per line; json: JSON Lines, or one JSON array of objects;
     parquet: one record per row. Strict: a malformed record is a :class:`DataError` naming the file
-    and line (the stream itself skips and counts those, see :mod:`mlkd_scale.data.sources`).
+    and line (the stream itself skips and counts those, see :mod:`mlkd_scale.data.corpus.sources`).
     """
     for row in checked_rows(file, fmt):
         if row.problem is not None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mlkd_scale.data.squad_examples import SquadDataError, SquadExample
+from mlkd_scale.tasks.squad.examples import SquadDataError, SquadExample
 
 CLS_INDEX = 0  # [CLS] is the first token with right padding; post-processing reads the null score there
 TENSOR_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")

@@ -1,0 +1,1 @@
+"""GLUE: the task table, the original TSV files and the hub copy, the official metrics."""
