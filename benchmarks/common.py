@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig
 
-from mlkd_scale.engine.loop import build_engine
+from mlkd_scale.engine.deepspeed_engine import build_engine
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, build_student_config

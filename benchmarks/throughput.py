@@ -1,6 +1,6 @@
 """Throughput of one general-distillation step: tokens/s, samples/s, peak memory, and MFU.
 
-A step is one micro step of :meth:`mlkd_scale.engine.trainer.Trainer.train_step`, built from the
+A step is one micro step of :meth:`mlkd_scale.engine.general_kd.Trainer.train_step`, built from the
 project's own pieces: the teacher's forward under ``no_grad`` through a :class:`FeatureTap` with the
 objective's request, then the DeepSpeed engine (``deepspeed.initialize`` on a
 :class:`DistillationModule` with the ZeRO config the spec → plan path produces) doing the student's

@@ -8,7 +8,7 @@ GLUE task, or a question-answering head on SQuAD v1.1/v2.0 (budget ``task.finetu
 
 import sys
 
-from mlkd_scale.engine.task_finetune import run_finetune
+from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.launch import launch
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ arguments, load the spec, hand over to the engine.
 
 import sys
 
-from mlkd_scale.engine.trainer import Trainer
+from mlkd_scale.engine.general_kd import Trainer
 from mlkd_scale.launch import launch
 
 

@@ -7,7 +7,7 @@ into the student; exports the best student to ``<output_dir>/student``. Also run
 
 import sys
 
-from mlkd_scale.engine.task_kd import run_task_kd
+from mlkd_scale.engine.task.distill import run_task_kd
 from mlkd_scale.launch import launch
 
 if __name__ == "__main__":

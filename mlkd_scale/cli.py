@@ -89,8 +89,8 @@ def schema() -> None:
 
 def export(checkpoint: str, out: str) -> None:
     """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory."""
-    from mlkd_scale.engine.checkpoint import CheckpointError
-    from mlkd_scale.engine.export import export_checkpoint
+    from mlkd_scale.engine.checkpoints.manager import CheckpointError
+    from mlkd_scale.engine.export.hf_export import export_checkpoint
 
     try:
         written = export_checkpoint(str(checkpoint), str(out))

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from mlkd_scale.data.corpus.sources import DataError
-from mlkd_scale.engine.checkpoint import CheckpointError
+from mlkd_scale.engine.checkpoints.manager import CheckpointError
 from mlkd_scale.engine.faults import RunStopped
 from mlkd_scale.spec import RunSpec, SpecError, load_spec
 

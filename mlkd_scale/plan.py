@@ -310,7 +310,7 @@ def plan_problems(spec: RunSpec, world_size: int) -> tuple[Plan | None, list[str
     tokens_per_step = global_batch * seq_len
     if spec.task is not None:
         # A task run's steps come per stage from its train size, known once the data is read:
-        # TaskContext.stage_plan (mlkd_scale.engine.task_stage) fills them in and prints them.
+        # TaskContext.stage_plan (mlkd_scale.engine.task.stage) fills them in and prints them.
         total = 0
     elif train.max_steps is not None:
         total = train.max_steps

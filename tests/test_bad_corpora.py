@@ -320,7 +320,7 @@ def test_only_malformed_records_is_a_clear_error(tok, tmp_path):
 def test_hub_records_with_non_string_text(monkeypatch, tok):
     from datasets import Dataset
 
-    from mlkd_scale.data import sources
+    from mlkd_scale.data.corpus import sources
 
     table = {"text": [["a", "list"], None, ["b"], ["good", "one"]], "id": ["x0", "x1", "x2", "x3"]}
     monkeypatch.setattr(

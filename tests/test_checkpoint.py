@@ -14,12 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 import ckpt_helpers as h
 
-from mlkd_scale.engine.checkpoint import (
+from mlkd_scale.engine.checkpoints.manager import (
     CheckpointError,
     CheckpointManager,
     read_complete,
 )
-from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
+from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,7 +185,7 @@ def test_missing_latest_falls_back_to_newest_complete(tmp_path, caplog):
     for step in (1, 2):
         ckpt.save(engine, step=step, client_state={}, rank_state={})
     (tmp_path / "latest").unlink()  # a crash between COMPLETE and latest
-    with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoints.manager"):
         assert ckpt.resolve_resume("auto") == tmp_path / "step00000002"
     assert [r.message for r in caplog.records if "latest" in r.message and "missing" in r.message]
 
@@ -257,7 +257,7 @@ def test_two_rank_zero2_save_through_launcher(tmp_path):
     checkpoint exports in this (GPU-less, 1-rank) process and refuses a 1-rank resume."""
     from transformers import AutoModel
 
-    from mlkd_scale.engine.export import export_checkpoint
+    from mlkd_scale.engine.export.hf_export import export_checkpoint
 
     script = Path(__file__).parent / "ds_scripts" / "save_two_ranks.py"
     launcher = Path(sys.executable).parent / "deepspeed"

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from test_checkpoint_trust import Payload, rewrite_manifest, save_steps
 from transformers import AutoTokenizer
 
-from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, tag_for
-from mlkd_scale.engine.export import EXPORT_MARKER, export_checkpoint
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, tag_for
+from mlkd_scale.engine.export.hf_export import EXPORT_MARKER, export_checkpoint
 
 CASES = int(os.environ.get("MLKD_FUZZ_CASES", "40"))
 STEPS = (1, 2, 3)

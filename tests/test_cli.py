@@ -140,9 +140,9 @@ def test_export_reports_a_missing_checkpoint(
     def missing(checkpoint: str, out: str) -> None:
         raise FileNotFoundError(f"{checkpoint}: no checkpoint here")
 
-    fake = types.ModuleType("mlkd_scale.engine.export")
+    fake = types.ModuleType("mlkd_scale.engine.export.hf_export")
     fake.export_checkpoint = missing
-    monkeypatch.setitem(sys.modules, "mlkd_scale.engine.export", fake)
+    monkeypatch.setitem(sys.modules, "mlkd_scale.engine.export.hf_export", fake)
     with pytest.raises(SystemExit) as info:
         cli.export("nowhere", "out")
     assert info.value.code == 2

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mlkd_scale.data import local_corpus
+from mlkd_scale.data.corpus import local_corpus
 from mlkd_scale.data.corpus.packing import Packer
 from mlkd_scale.data.corpus.sources import DataError, open_corpus
 from mlkd_scale.data.corpus.stream import PackedStream
@@ -225,7 +225,7 @@ def test_hub_source_path(monkeypatch, tmp_path):
     """Hub sources go through load_dataset(name, config, split, streaming=True); faked with local data."""
     from datasets import Dataset
 
-    from mlkd_scale.data import sources
+    from mlkd_scale.data.corpus import sources
 
     tables = {
         "wiki": {"id": ["w1", "w2", "w3", "w4"], "title": list("abcd"), "text": ["t1", "t2", "t3", "t4"]},
@@ -335,7 +335,7 @@ def test_resume_hub_source(monkeypatch, tok):
     """The hub path (map with indices over a sharded stream) resumes exactly too."""
     from datasets import Dataset
 
-    from mlkd_scale.data import sources
+    from mlkd_scale.data.corpus import sources
 
     texts = [doc_text(i) for i in range(15)]
     monkeypatch.setattr(

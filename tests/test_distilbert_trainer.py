@@ -11,7 +11,7 @@ from tiny_models import tiny_config
 from transformers import BertForMaskedLM
 
 from mlkd_scale.data.corpus.mlm_masking import IGNORE_INDEX, mask_tokens, masking_generator
-from mlkd_scale.engine.trainer import Trainer, reads_masked_lm
+from mlkd_scale.engine.general_kd import Trainer, reads_masked_lm
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, TapRequest
 from mlkd_scale.models.taps import encoder_modules

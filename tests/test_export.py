@@ -22,8 +22,8 @@ from transformers import (
     BertModel,
 )
 
-from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager
-from mlkd_scale.engine.export import EXPORT_MARKER, export_checkpoint
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager
+from mlkd_scale.engine.export.hf_export import EXPORT_MARKER, export_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)

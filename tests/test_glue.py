@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd_scale.data import glue_metrics as gm
+from mlkd_scale.tasks.glue import metrics as gm
 from mlkd_scale.tasks.glue.task import (
     TASKS,
     GlueExample,

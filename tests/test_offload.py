@@ -7,7 +7,7 @@ import torch
 from run_fixtures import check_ok, make_spec, run_launcher
 from transformers import AutoModel
 
-from mlkd_scale.engine.checkpoint import read_complete
+from mlkd_scale.engine.checkpoints.manager import read_complete
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.plan import resolve_plan

@@ -25,10 +25,10 @@ from test_data import assert_same, make_source, roundtrip, spec_for
 from mlkd_scale.data.corpus.sources import DataError
 from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.data.corpus.stream_shards import ShardedStream, owned_shards, regroup
-from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, atomic_write
-from mlkd_scale.engine.checkpoint_files import describe
-from mlkd_scale.engine.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume
-from mlkd_scale.engine.rng_state import capture_rng_state
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, atomic_write
+from mlkd_scale.engine.checkpoints.files import describe
+from mlkd_scale.engine.checkpoints.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume
+from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import RunSpec
 
@@ -199,7 +199,7 @@ def test_universal_load_restores_everything(tmp_path, stage, precision):
     """In one process: save, convert to universal form, load into a fresh engine built with
     load_universal (as at a new world size): weights, optimizer (both AdamW groups, weight decay
     included), lr schedule, client state and RNG come back, and training continues identically."""
-    from mlkd_scale.engine.loop import build_engine
+    from mlkd_scale.engine.deepspeed_engine import build_engine
     from mlkd_scale.plan import resolve_plan
 
     h.init_single_process()

@@ -28,9 +28,9 @@ from transformers import (
 
 from mlkd_scale.tasks.squad.pipeline import prepare_train_features, read_squad
 from mlkd_scale.tasks.squad.task import limit_questions, load_squad_task_data, squad_task_name
-from mlkd_scale.engine.task_finetune import run_finetune
-from mlkd_scale.engine.task_kd import run_task_kd
-from mlkd_scale.engine.task_run import evaluate_model_dir
+from mlkd_scale.engine.task.finetune import run_finetune
+from mlkd_scale.engine.task.distill import run_task_kd
+from mlkd_scale.engine.task.context import evaluate_model_dir
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features

@@ -21,14 +21,14 @@ from transformers import (
 )
 
 from mlkd_scale.tasks.glue.task import TASKS, get_task
-from mlkd_scale.engine.checkpoint import read_complete
-from mlkd_scale.engine.task_finetune import run_finetune
-from mlkd_scale.engine.task_kd import (
+from mlkd_scale.engine.checkpoints.manager import read_complete
+from mlkd_scale.engine.task.finetune import run_finetune
+from mlkd_scale.engine.task.distill import (
     load_task_teacher,
     run_task_kd,
     stage2_module_from_stage1,
 )
-from mlkd_scale.engine.task_stage import full_state_dict
+from mlkd_scale.engine.task.stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import load_spec
 
@@ -124,7 +124,7 @@ def test_stop_anywhere_and_resume_exactly(tmp_path: Path, world, capsys) -> None
 
 def test_finetune_a_teacher_then_distil_from_a_general_student(tmp_path: Path, world, capsys) -> None:
     """finetune_teacher's export is a task teacher; a bare encoder (general student) gets a fresh head."""
-    from mlkd_scale.engine.task_run import evaluate_model_dir
+    from mlkd_scale.engine.task.context import evaluate_model_dir
 
     encoder = make_teacher(tmp_path / "encoder")
     spec = task_spec(tmp_path, encoder, "STS-B", path=tmp_path / "teacher.json",

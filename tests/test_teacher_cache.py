@@ -1,4 +1,4 @@
-"""The teacher cache of task distillation (mlkd_scale/engine/teacher_cache.py).
+"""The teacher cache of task distillation (mlkd_scale/engine/task/teacher_cache.py).
 
 * the losses of every preset's task stages from cached features equal those from the live teacher
   on the same shuffled batch: bit for bit with fp32 (or the teacher's bf16) storage; with fp16 storage
@@ -27,18 +27,18 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from mlkd_scale.tasks.glue.task import get_task
 from mlkd_scale.tasks.data import load_task_data
-from mlkd_scale.engine import teacher_cache
+from mlkd_scale.engine.task import teacher_cache
 from mlkd_scale.engine.epoch_clock import EpochClock
-from mlkd_scale.engine.task_kd import load_task_teacher, run_task_kd
+from mlkd_scale.engine.task.distill import load_task_teacher, run_task_kd
 from mlkd_scale.engine.tb_logger import read_scalars
-from mlkd_scale.engine.teacher_cache import (
+from mlkd_scale.engine.task.teacher_cache import (
     POOLED,
     flat_features,
     open_teacher_cache,
     teacher_fingerprint,
     unflat_features,
 )
-from mlkd_scale.engine.teacher_cache_store import COMPLETE, PROGRESS, ShardWriter, from_storage, to_storage
+from mlkd_scale.engine.task.teacher_cache_store import COMPLETE, PROGRESS, ShardWriter, from_storage, to_storage
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import SpecError, load_spec
@@ -266,7 +266,7 @@ def test_the_size_rule_the_switch_and_a_stage_that_reads_nothing(tmp_path: Path,
 
     spec = task_spec(tmp_path, teacher_dir, "SST-2", path=tmp_path / "off.json", teacher__cache=False, run__output_dir=str(tmp_path / "off"),
                      task__stage1={"max_steps": 1, "lr": 1e-3}, task__stage2={"max_steps": 1, "lr": 1e-3})
-    monkeypatch.setattr("mlkd_scale.engine.task_kd.open_teacher_cache", lambda *a: pytest.fail("cache opened"))
+    monkeypatch.setattr("mlkd_scale.engine.task.distill.open_teacher_cache", lambda *a: pytest.fail("cache opened"))
     assert run_task_kd(load_spec(spec), dist=world)["finished"]
 
 

@@ -11,7 +11,7 @@ GPU host sync; it costs one small message round (about 0.5 ms between 2 processe
 it is the only per-step cost of the scheme. A cheaper scheme without a collective (e.g. a file on
 the shared file system naming the stop step) would need a file-system poll per step and races
 with a rank that is already past the named step. On agreement every rank finishes the step it is
-in, writes a checkpoint with the crash-safe :class:`~mlkd_scale.engine.checkpoint.CheckpointManager`
+in, writes a checkpoint with the crash-safe :class:`~mlkd_scale.engine.checkpoints.manager.CheckpointManager`
 and exits with :data:`EXIT_PREEMPTED`. ``faults.preemption_grace_s`` bounds all of it: a watchdog
 thread armed when a rank first hears of the stop (its own signal or the agreement) ends the
 process with :data:`EXIT_GRACE_EXPIRED` when the time is up and the checkpoint is not committed.

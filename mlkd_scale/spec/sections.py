@@ -275,7 +275,7 @@ class TeacherSpec(StrictModel):
         True,
         description="Task distillation: compute the teacher's outputs once per stage (per teacher, data, "
         "max length and what the losses read), store them under <run.output_dir>/teacher_cache and read "
-        "them in every epoch instead of running the teacher (mlkd_scale/engine/teacher_cache.py); false "
+        "them in every epoch instead of running the teacher (mlkd_scale/engine/task/teacher_cache.py); false "
         "runs the teacher on every batch. General distillation never caches (its corpus is streamed).",
     )
     cache_max_gib: float = Field(

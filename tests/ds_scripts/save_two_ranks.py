@@ -13,8 +13,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mlkd_scale.engine.checkpoint import CheckpointManager
-from mlkd_scale.engine.rng_state import capture_rng_state, restore_rng_state
+from mlkd_scale.engine.checkpoints.manager import CheckpointManager
+from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 
 
 def main(out: Path) -> None:

@@ -97,7 +97,9 @@ def _install(faults: dict) -> None:
     torch.save = faulty_torch_save
     torch.serialization.save = faulty_torch_save
 
-    from mlkd_scale.engine import checkpoint, stage_runner, trainer
+    from mlkd_scale.engine import general_kd as trainer
+    from mlkd_scale.engine import stage_runner
+    from mlkd_scale.engine.checkpoints import manager as checkpoint
     from mlkd_scale.engine import faults as run_faults
 
     if faults.get("fingerprints"):

@@ -1,7 +1,7 @@
 """SQuAD v1.1 / v2.0 as a task of teacher fine-tuning and task distillation.
 
 This module joins the SQuAD pipeline (:mod:`mlkd_scale.tasks.squad.pipeline`) to the task machinery that
-GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task_stage`):
+GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task.stage`):
 
 * :func:`squad_task_name` reads any spelling of the task name ('squad', 'SQuAD1.1', 'squad-v2',
   'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;

@@ -1,7 +1,7 @@
 """Pieces every training loop shares: the DeepSpeed engine, one optimizer step, logged scalars.
 
-Used by the general-distillation :class:`~mlkd_scale.engine.trainer.Trainer` and by the task stages
-(:mod:`mlkd_scale.engine.task_stage`), so both build their engine, step and log the same way.
+Used by the general-distillation :class:`~mlkd_scale.engine.general_kd.Trainer` and by the task stages
+(:mod:`mlkd_scale.engine.task.stage`), so both build their engine, step and log the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
-from mlkd_scale.engine.safe_load import install_checkpoint_engine
+from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec

@@ -1,7 +1,7 @@
 """Task distillation (paper §1, §3): a fine-tuned task teacher teaches the student, Stage 1 then Stage 2.
 
 Reading order: :func:`run_task_kd` loads the teacher, the data and the dev metrics of the teacher,
-then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_stage.TaskStage`:
+then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task.stage.TaskStage`:
 
 * Stage 1 — L_EMB + L_MHA + L_FFN (or the preset's stage-1 terms) on the task's train data (or
   its augmentation cache); trains the student and the projections W_h;
@@ -12,7 +12,7 @@ then runs each stage of ``task.stages`` with :class:`~mlkd_scale.engine.task_sta
   this process or in an earlier launch).
 
 The teacher's features for each stage are computed once, before its first step, and read back by
-sample index in every epoch (``teacher.cache``, :mod:`~mlkd_scale.engine.teacher_cache`), unless they
+sample index in every epoch (``teacher.cache``, :mod:`~mlkd_scale.engine.task.teacher_cache`), unless they
 exceed ``teacher.cache_max_gib``: then that stage runs the live teacher on every batch.
 
 A finished stage (its ``result.json``) is skipped on relaunch; an unfinished one resumes exactly.
@@ -36,11 +36,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from mlkd_scale.tasks.glue.task import GlueTask, teacher_label_order
 from mlkd_scale.tasks.squad.task import is_squad_task
-from mlkd_scale.engine.checkpoint import HF_META, CheckpointError
+from mlkd_scale.engine.checkpoints.manager import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.models.qa_head import load_qa_teacher
-from mlkd_scale.engine.task_run import (
+from mlkd_scale.engine.task.context import (
     cached_dev_metrics,
     export_best,
     label_config,
@@ -49,13 +49,13 @@ from mlkd_scale.engine.task_run import (
     print_finished,
     print_stopped,
 )
-from mlkd_scale.engine.task_stage import (
+from mlkd_scale.engine.task.stage import (
     StageSetup,
     TaskContext,
     TaskStage,
     full_state_dict,
 )
-from mlkd_scale.engine.teacher_cache import TeacherCache, open_teacher_cache, teacher_fingerprint
+from mlkd_scale.engine.task.teacher_cache import TeacherCache, open_teacher_cache, teacher_fingerprint
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
@@ -151,7 +151,7 @@ def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[
 
 def stage_loss(tap: FeatureTap, cache: TeacherCache | None, order: list[int] | None, qa: bool):
     """``make_loss(engine)`` of a distillation stage: the teacher's features of each micro batch from
-    the stage's teacher cache by sample index (:mod:`~mlkd_scale.engine.teacher_cache`) or, without
+    the stage's teacher cache by sample index (:mod:`~mlkd_scale.engine.task.teacher_cache`) or, without
     one, from the live teacher through ``tap``; logits put in our label order; the engine's objective."""
 
     def make_loss(engine):

@@ -18,13 +18,13 @@ checkpoint counts only once ``COMPLETE`` exists, and rank 0 writes ``COMPLETE`` 
 only after a barrier that every rank reaches after writing all its files. A tag directory without
 ``COMPLETE`` is debris of a crash: resume ignores it and the next save removes it.
 
-Every shard is fsynced by the rank that wrote it (:mod:`~mlkd_scale.engine.safe_load`'s checkpoint
+Every shard is fsynced by the rank that wrote it (:mod:`~mlkd_scale.engine.checkpoints.safe_load`'s checkpoint
 engine) before ``COMPLETE`` is written, and rank 0 verifies the new checkpoint against its
 manifest before ``latest`` moves to it and older ones are pruned, so ``keep_last`` never deletes
 the last verified checkpoint first. Resume verifies before loading: a checkpoint that fails is
 reported (file and fault), set aside as ``<tag>.damaged`` and the previous verified one is used,
 ``latest`` moved back to it. Every ``.pt`` file is loaded without running code
-(:func:`~mlkd_scale.engine.safe_load.load_plain`).
+(:func:`~mlkd_scale.engine.checkpoints.safe_load.load_plain`).
 
 All ranks must see the same file system (a shared one on multi-node clusters).
 """
@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from mlkd_scale.engine import checkpoint_files
-from mlkd_scale.engine.checkpoint_files import (
+from mlkd_scale.engine.checkpoints import files as checkpoint_files
+from mlkd_scale.engine.checkpoints.files import (
     COMPLETE,
     DEEPSPEED_KEYS,
     TAG_RE,
@@ -60,7 +60,7 @@ from mlkd_scale.engine.checkpoint_files import (
     tag_for,
 )
 from mlkd_scale.engine.distributed import barrier, from_rank0, gather_to_all
-from mlkd_scale.engine.safe_load import install_checkpoint_engine, load_plain, plain_data_only
+from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class CheckpointManager:
     method (except :meth:`save_hf_meta`, which is rank 0's job but harmless elsewhere).
 
     ``owner`` names the run (and stage) the folder belongs to; a folder recorded for another owner
-    is refused (:func:`~mlkd_scale.engine.checkpoint_files.claim_folder`).
+    is refused (:func:`~mlkd_scale.engine.checkpoints.files.claim_folder`).
     """
 
     def __init__(
@@ -368,7 +368,7 @@ class CheckpointManager:
         if saved_ws != self.world_size:
             raise CheckpointError(
                 f"checkpoint {tag_dir} was saved by {saved_ws} ranks but this run has {self.world_size}; "
-                "resuming at a new world size needs a universal checkpoint (mlkd_scale.engine.reshard, "
+                "resuming at a new world size needs a universal checkpoint (mlkd_scale.engine.checkpoints.reshard, "
                 f"which the general-distillation trainer uses), or run with {saved_ws} ranks"
             )
         install_checkpoint_engine(engine)

@@ -2,7 +2,7 @@
 
 **The manifest.** ``COMPLETE`` (the commit marker, JSON) lists every file the ranks wrote for the
 checkpoint — DeepSpeed's shards and each rank's rank_state file — with its size in bytes and its
-CRC-32 (:func:`~mlkd_scale.engine.safe_load.file_checksum`), computed by the rank that wrote the
+CRC-32 (:func:`~mlkd_scale.engine.checkpoints.safe_load.file_checksum`), computed by the rank that wrote the
 file from the bytes on disk after an fsync. :func:`verify` checks a tag directory against it:
 the marker parses, every listed file is there with its size and checksum, every rank's state file
 and a model-states file are listed. Files beside them that the manifest does not name (the
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlkd_scale.engine.safe_load import file_checksum
+from mlkd_scale.engine.checkpoints.safe_load import file_checksum
 from mlkd_scale.errors import CheckpointError
 
 log = logging.getLogger(__name__)

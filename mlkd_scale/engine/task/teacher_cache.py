@@ -25,7 +25,7 @@ Another key is another directory; rank 0 deletes the stage's caches of other key
 
     <run.output_dir>/teacher_cache/<stage>-<key[:16]>/
         key.json      the key's parts;  build.json  {seconds, rows, token_bytes}
-        rank00000/    one shard per rank (:mod:`~mlkd_scale.engine.teacher_cache_store`: written in
+        rank00000/    one shard per rank (:mod:`~mlkd_scale.engine.task.teacher_cache_store`: written in
         rank00001/    place, committed every ~COMMIT_ROWS rows, COMPLETE written last)
 
 Sharding: :class:`~mlkd_scale.tasks.data.EpochSampler` gives each rank a *different* subset every
@@ -74,9 +74,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mlkd_scale.tasks.data import EncodedSplit
-from mlkd_scale.engine.checkpoint import atomic_write_text
+from mlkd_scale.engine.checkpoints.manager import atomic_write_text
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
-from mlkd_scale.engine.teacher_cache_store import (
+from mlkd_scale.engine.task.teacher_cache_store import (
     STORAGE,
     FieldSpec,
     ShardWriter,
@@ -320,7 +320,7 @@ def open_teacher_cache(
 ) -> TeacherCache | None:
     """The stage's cache (built, or its build completed, now if needed), or None: run the live teacher.
 
-    ``ctx`` is the run's :class:`~mlkd_scale.engine.task_stage.TaskContext`; ``teacher_id`` is
+    ``ctx`` is the run's :class:`~mlkd_scale.engine.task.stage.TaskContext`; ``teacher_id`` is
     :func:`teacher_fingerprint` of the teacher ``tap`` runs. Every rank calls this.
     """
     spec, info = ctx.spec, ctx.dist

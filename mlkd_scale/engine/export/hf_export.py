@@ -11,7 +11,7 @@ ZeRO and partly in bf16. Users want only the student, in fp32, loadable with
 2. keep the ``student.`` keys, rebuild the model class named in ``<ckpt_dir>/hf_meta/config.json``
    and load them strictly;
 3. write ``save_pretrained`` (safetensors) + the tokenizer + the model card (``README.md``,
-   :mod:`~mlkd_scale.engine.model_card`) into a temp directory next to ``out_dir`` and rename it
+   :mod:`~mlkd_scale.engine.export.model_card`) into a temp directory next to ``out_dir`` and rename it
    into place, so a crash never leaves a half-written export.
 
 ``out_dir`` may be absent, empty, or a previous export (it holds ``mlkd_export.json``), which is
@@ -32,7 +32,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mlkd_scale.engine.checkpoint import (
+from mlkd_scale.engine.checkpoints.manager import (
     COMPLETE,
     HF_META,
     LATEST,
@@ -43,9 +43,9 @@ from mlkd_scale.engine.checkpoint import (
     read_complete,
     strip_deepspeed_keys,
 )
-from mlkd_scale.engine.checkpoint_files import verify
-from mlkd_scale.engine.model_card import model_card
-from mlkd_scale.engine.safe_load import load_plain, plain_data_only
+from mlkd_scale.engine.checkpoints.files import verify
+from mlkd_scale.engine.export.model_card import model_card
+from mlkd_scale.engine.checkpoints.safe_load import load_plain, plain_data_only
 
 EXPORT_MARKER = "mlkd_export.json"
 STUDENT_PREFIX = "student."

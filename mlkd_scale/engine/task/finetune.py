@@ -1,7 +1,7 @@
 """Fine-tuning the task teacher: a pre-trained encoder plus a fresh classification head, supervised.
 
 ``teacher.path`` is the pre-trained encoder (e.g. BERT-base); the head gets the task's labels in
-our order (:func:`~mlkd_scale.engine.task_run.label_config`), so the exported teacher needs no
+our order (:func:`~mlkd_scale.engine.task.context.label_config`), so the exported teacher needs no
 logit re-ordering. The loss is cross-entropy (MSE on the single score for STS-B). It runs as one
 stage named ``finetune`` of the task machinery — same engine, checkpoints, resume, dev evaluation
 and best-checkpoint pinning — with the budget ``task.finetune``, and exports the best checkpoint
@@ -25,7 +25,7 @@ from mlkd_scale.tasks.squad.task import is_squad_task
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.qa_head import SpanSupervisedModule, qa_model_for_finetuning
-from mlkd_scale.engine.task_run import (
+from mlkd_scale.engine.task.context import (
     export_best,
     label_config,
     make_context,
@@ -33,7 +33,7 @@ from mlkd_scale.engine.task_run import (
     print_finished,
     print_stopped,
 )
-from mlkd_scale.engine.task_stage import StageSetup, TaskStage
+from mlkd_scale.engine.task.stage import StageSetup, TaskStage
 from mlkd_scale.models.taps import head_logits
 from mlkd_scale.spec import RunSpec
 
@@ -44,7 +44,7 @@ class SupervisedModule(nn.Module):
     """The model being fine-tuned, with its supervised loss.
 
     The model is the ``student`` attribute because that is the prefix export takes a checkpoint's
-    model from (:mod:`mlkd_scale.engine.export`); here it is the future teacher.
+    model from (:mod:`mlkd_scale.engine.export.hf_export`); here it is the future teacher.
     """
 
     def __init__(self, model: PreTrainedModel, regression: bool):

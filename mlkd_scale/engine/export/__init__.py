@@ -1,0 +1,1 @@
+"""Export of a trained student: the Hugging Face directory and its model card."""
