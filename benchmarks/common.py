@@ -25,9 +25,9 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig
 
 from mlkd_scale.engine.deepspeed_engine import build_engine
-from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, build_student_config
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import LossesSpec, RunSpec, StudentSpec

@@ -82,10 +82,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.engine.schedule import build_optimizer
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, resolve_layer_mapping
+from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.spec import LossesSpec, TrainSpec
 
 CANDIDATES = ("bare", "bare-eager", "bare-engine", "ours-tinybert", "ours-mlkd", "hf-loop", "textbrewer")

@@ -66,9 +66,9 @@ from common import (
 )
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.losses.presets import PRESETS
 from mlkd_scale.models import FeatureTap
+from mlkd_scale.models.distillation_module import DistillationModule
 from mlkd_scale.spec import LossesSpec
 
 

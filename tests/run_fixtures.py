@@ -13,10 +13,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_INJECTION = REPO / "tests" / "fault_injection"  # a sitecustomize.py that injects MLKD_FAULTS
-WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
-    "an they you were her she there one all we their model teacher student layer token relation head"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "one", "all", "we", "their", "model", "teacher", "student", "layer", "token", "relation", "head"]
 
 
 def save_tiny_bert(directory: Path, model_class=BertModel, seed: int = 0, **config) -> Path:

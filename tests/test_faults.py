@@ -33,6 +33,7 @@ from run_fixtures import (
 from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.checkpoints.manager import is_complete, read_complete, tag_for
+from mlkd_scale.engine.checkpoints.reshard import UNIVERSAL
 from mlkd_scale.engine.faults import (
     EXIT_GRACE_EXPIRED,
     EXIT_NONFINITE,
@@ -41,7 +42,6 @@ from mlkd_scale.engine.faults import (
     ensure_nonfinite_skipping,
     poison_nonfinite,
 )
-from mlkd_scale.engine.checkpoints.reshard import UNIVERSAL
 from mlkd_scale.engine.task.stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 

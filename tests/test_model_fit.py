@@ -15,8 +15,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.engine.task.context import make_context
 from mlkd_scale.engine.general_kd import build_models
+from mlkd_scale.engine.task.context import make_context
 from mlkd_scale.models.teacher import token_id_count
 from mlkd_scale.spec import RunSpec, SpecError, load_spec
 from mlkd_scale.spec.teacher_fit import tokenizer_id_count, usable_positions

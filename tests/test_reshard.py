@@ -25,9 +25,15 @@ from test_data import assert_same, make_source, roundtrip, spec_for
 from mlkd_scale.data.corpus.sources import DataError
 from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.data.corpus.stream_shards import ShardedStream, owned_shards, regroup
-from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, atomic_write
 from mlkd_scale.engine.checkpoints.files import describe
-from mlkd_scale.engine.checkpoints.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, atomic_write
+from mlkd_scale.engine.checkpoints.reshard import (
+    UNIVERSAL,
+    Resume,
+    derived_seed,
+    ensure_universal,
+    prepare_resume,
+)
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import RunSpec

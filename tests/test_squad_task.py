@@ -26,15 +26,15 @@ from transformers import (
     BertModel,
 )
 
-from mlkd_scale.tasks.squad.pipeline import prepare_train_features, read_squad
-from mlkd_scale.tasks.squad.task import limit_questions, load_squad_task_data, squad_task_name
-from mlkd_scale.engine.task.finetune import run_finetune
-from mlkd_scale.engine.task.distill import run_task_kd
 from mlkd_scale.engine.task.context import evaluate_model_dir
+from mlkd_scale.engine.task.distill import run_task_kd
+from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features
 from mlkd_scale.spec import LossesSpec, RunSpec, SpecError, load_spec
+from mlkd_scale.tasks.squad.pipeline import prepare_train_features, read_squad
+from mlkd_scale.tasks.squad.task import limit_questions, load_squad_task_data, squad_task_name
 
 V2_KEYS = {"exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
            "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}

@@ -10,15 +10,15 @@ from task_fixtures import GLUE
 from transformers import AutoTokenizer
 
 from mlkd_scale.data.augment.augmenter import augment_dataset
-from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec import RunSpec, SpecError, TaskSpec, load_spec
 from mlkd_scale.tasks.data import (
     EpochSampler,
     load_task_data,
     parse_label,
     steps_for,
 )
-from mlkd_scale.plan import resolve_plan
-from mlkd_scale.spec import RunSpec, SpecError, TaskSpec, load_spec
+from mlkd_scale.tasks.glue.task import get_task
 
 
 def _epochs(sampler: EpochSampler, batches: int) -> list[list[int]]:
@@ -169,8 +169,8 @@ def test_general_spec_still_needs_a_budget(tmp_path: Path) -> None:
 
 
 def test_toy_sentiment_task_reads_as_sst2(tmp_path: Path, tokenizer) -> None:
-    from mlkd_scale.tasks.glue.task import load_glue
     from mlkd_scale.tasks.data import write_toy_sentiment
+    from mlkd_scale.tasks.glue.task import load_glue
 
     write_toy_sentiment(tmp_path, train_size=60, dev_size=30, seed=3)
     train, dev = load_glue("sst2", "train", tmp_path), load_glue("sst2", "validation", tmp_path)

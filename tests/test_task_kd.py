@@ -20,17 +20,17 @@ from transformers import (
     BertModel,
 )
 
-from mlkd_scale.tasks.glue.task import TASKS, get_task
 from mlkd_scale.engine.checkpoints.manager import read_complete
-from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.engine.task.distill import (
     load_task_teacher,
     run_task_kd,
     stage2_module_from_stage1,
 )
+from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.engine.task.stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import load_spec
+from mlkd_scale.tasks.glue.task import TASKS, get_task
 
 ALL_TASKS = [task.name for task in TASKS.values()]
 
@@ -110,8 +110,8 @@ def test_stop_anywhere_and_resume_exactly(tmp_path: Path, world, capsys) -> None
     spec = load_spec(tmp_path / "resumed" / "spec.json")
 
     def module_factory(student):
-        from mlkd_scale.models.distillation_module import DistillationModule
         from mlkd_scale.losses import DistillationObjective
+        from mlkd_scale.models.distillation_module import DistillationModule
 
         return DistillationModule(student, DistillationObjective(spec.losses, teacher_model.config, student.config, 2))
 

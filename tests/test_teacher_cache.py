@@ -25,12 +25,9 @@ from run_fixtures import check_ok, save_tiny_bert
 from task_fixtures import GLUE, make_task_teacher, run_task_launcher, task_spec
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from mlkd_scale.tasks.glue.task import get_task
-from mlkd_scale.tasks.data import load_task_data
-from mlkd_scale.engine.task import teacher_cache
 from mlkd_scale.engine.epoch_clock import EpochClock
+from mlkd_scale.engine.task import teacher_cache
 from mlkd_scale.engine.task.distill import load_task_teacher, run_task_kd
-from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.engine.task.teacher_cache import (
     POOLED,
     flat_features,
@@ -38,10 +35,19 @@ from mlkd_scale.engine.task.teacher_cache import (
     teacher_fingerprint,
     unflat_features,
 )
-from mlkd_scale.engine.task.teacher_cache_store import COMPLETE, PROGRESS, ShardWriter, from_storage, to_storage
+from mlkd_scale.engine.task.teacher_cache_store import (
+    COMPLETE,
+    PROGRESS,
+    ShardWriter,
+    from_storage,
+    to_storage,
+)
+from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import SpecError, load_spec
+from mlkd_scale.tasks.data import load_task_data
+from mlkd_scale.tasks.glue.task import get_task
 
 #: (preset, stage, losses overrides): every task stage a preset has (distilbert's stage 1 distils
 #: masked-LM logits, which a task teacher does not have; minilmv2's stage 2 with labels reads nothing)

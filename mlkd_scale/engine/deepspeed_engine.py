@@ -14,8 +14,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine
+from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import TrainSpec

@@ -21,17 +21,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from transformers import logging as hf_logging
 
 from mlkd_scale.data.corpus.mlm_masking import BatchMasker
-from mlkd_scale.engine.checkpoints.manager import CheckpointManager, tag_for
 from mlkd_scale.engine.checkpoints.files import claim_folder
+from mlkd_scale.engine.checkpoints.manager import CheckpointManager, tag_for
+from mlkd_scale.engine.checkpoints.reshard import prepare_resume
+from mlkd_scale.engine.deepspeed_engine import build_engine
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export.hf_export import export_checkpoint
 from mlkd_scale.engine.faults import is_comm_failure
-from mlkd_scale.eval.heldout import HeldoutEval, HeldoutEvaluator
-from mlkd_scale.engine.deepspeed_engine import build_engine
-from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.engine.checkpoints.reshard import prepare_resume
 from mlkd_scale.engine.stage_runner import StageParts, StageRunner
 from mlkd_scale.engine.teacher_placement import place_teacher
+from mlkd_scale.eval.heldout import HeldoutEval, HeldoutEvaluator
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.losses.presets import get_preset
 from mlkd_scale.models import (
@@ -42,6 +41,7 @@ from mlkd_scale.models import (
     resolve_init_layers,
     resolve_layer_mapping,
 )
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
 from mlkd_scale.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
 

@@ -34,12 +34,12 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager
+from mlkd_scale.engine.checkpoints.reshard import Resume
+from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
+from mlkd_scale.engine.deepspeed_engine import LossFn, Window, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
-from mlkd_scale.engine.deepspeed_engine import LossFn, Window, optimizer_scalars, optimizer_step
-from mlkd_scale.engine.checkpoints.reshard import Resume
-from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import RunSpec, spec_hash

@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from mlkd_scale.tasks.glue.task import GlueTask
-from mlkd_scale.tasks.glue.metrics import glue_metrics
-from mlkd_scale.tasks.squad.task import SquadDevSplit
-from mlkd_scale.tasks.data import EncodedSplit
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
+from mlkd_scale.tasks.data import EncodedSplit
+from mlkd_scale.tasks.glue.metrics import glue_metrics
+from mlkd_scale.tasks.glue.task import GlueTask
+from mlkd_scale.tasks.squad.task import SquadDevSplit
 
 #: ``predict(inputs) -> logits [B, C]`` (scores ``[B, 1]``; SQuAD ``[B, 2, L]``) for a batch of model inputs.
 PredictFn = Callable[[dict], torch.Tensor]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlkd_scale.tasks.glue.task import GlueExample, GlueTask, encode_glue, get_task, load_glue
 from mlkd_scale.spec import TaskSpec
+from mlkd_scale.tasks.glue.task import GlueExample, GlueTask, encode_glue, get_task, load_glue
 
 #: The tensors of an encoded split that the models take (labels separately).
 TENSOR_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")

@@ -97,10 +97,10 @@ def _install(faults: dict) -> None:
     torch.save = faulty_torch_save
     torch.serialization.save = faulty_torch_save
 
+    from mlkd_scale.engine import faults as run_faults
     from mlkd_scale.engine import general_kd as trainer
     from mlkd_scale.engine import stage_runner
     from mlkd_scale.engine.checkpoints import manager as checkpoint
-    from mlkd_scale.engine import faults as run_faults
 
     if faults.get("fingerprints"):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/

@@ -30,9 +30,7 @@ from collections.abc import Iterable, Iterator
 # Modules that must not be imported (GUI, browser, printing, caches written to disk, setuptools
 # shims that differ between environments) or that are tests/demos rather than documentation.
 SKIP_MODULES = frozenset(
-    """antigravity this idlelib tkinter turtle turtledemo test tests lib2to3 distutils ensurepip
-    readline rlcompleter pydoc_data encodings msilib winreg winsound msvcrt nt site sitecustomize
-    usercustomize""".split()
+    ["antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "tests", "lib2to3", "distutils", "ensurepip", "readline", "rlcompleter", "pydoc_data", "encodings", "msilib", "winreg", "winsound", "msvcrt", "nt", "site", "sitecustomize", "usercustomize"]
 )
 MIN_CHARS = 200
 HELDOUT_EVERY = 20  # 1 document in 20 (5 %) goes to heldout.jsonl
@@ -138,8 +136,7 @@ def is_heldout(text: str) -> bool:
 
 def _write(path: str, docs: list[tuple[str, str]]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for doc_id, text in docs:
-            f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n" for doc_id, text in docs)
 
 
 def _sizes(docs: list[tuple[str, str]]) -> dict:

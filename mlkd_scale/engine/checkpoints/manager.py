@@ -59,8 +59,8 @@ from mlkd_scale.engine.checkpoints.files import (
     strip_deepspeed_keys,
     tag_for,
 )
-from mlkd_scale.engine.distributed import barrier, from_rank0, gather_to_all
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine, load_plain, plain_data_only
+from mlkd_scale.engine.distributed import barrier, from_rank0, gather_to_all
 from mlkd_scale.errors import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -45,17 +45,23 @@ from deepspeed.runtime.utils import set_random_seed
 
 from mlkd_scale.data.corpus.pretokenized import PretokenizedStream
 from mlkd_scale.data.corpus.sources import DataError
-from mlkd_scale.data.corpus.stream_shards import ShardedStream, check_world_size, owned_shards, regroup, shard_states
+from mlkd_scale.data.corpus.stream_shards import (
+    ShardedStream,
+    check_world_size,
+    owned_shards,
+    regroup,
+    shard_states,
+)
+from mlkd_scale.engine.checkpoints.files import fsync_dir, rank_state_name
 from mlkd_scale.engine.checkpoints.manager import (
     CheckpointError,
     CheckpointManager,
     read_complete,
     strip_deepspeed_keys,
 )
-from mlkd_scale.engine.checkpoints.files import fsync_dir, rank_state_name
-from mlkd_scale.engine.distributed import from_rank0
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine, load_plain, plain_data_only
+from mlkd_scale.engine.distributed import from_rank0
 from mlkd_scale.plan import Plan
 from mlkd_scale.spec import RunSpec
 

@@ -32,6 +32,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mlkd_scale.engine.checkpoints.files import verify
 from mlkd_scale.engine.checkpoints.manager import (
     COMPLETE,
     HF_META,
@@ -43,9 +44,8 @@ from mlkd_scale.engine.checkpoints.manager import (
     read_complete,
     strip_deepspeed_keys,
 )
-from mlkd_scale.engine.checkpoints.files import verify
-from mlkd_scale.engine.export.model_card import model_card
 from mlkd_scale.engine.checkpoints.safe_load import load_plain, plain_data_only
+from mlkd_scale.engine.export.model_card import model_card
 
 EXPORT_MARKER = "mlkd_export.json"
 STUDENT_PREFIX = "student."

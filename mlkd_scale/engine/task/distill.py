@@ -34,12 +34,8 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from mlkd_scale.tasks.glue.task import GlueTask, teacher_label_order
-from mlkd_scale.tasks.squad.task import is_squad_task
 from mlkd_scale.engine.checkpoints.manager import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.models.qa_head import load_qa_teacher
 from mlkd_scale.engine.task.context import (
     cached_dev_metrics,
     export_best,
@@ -59,9 +55,13 @@ from mlkd_scale.engine.task.teacher_cache import TeacherCache, open_teacher_cach
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
+from mlkd_scale.models.qa_head import load_qa_teacher
 from mlkd_scale.models.taps import head_logits
 from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
+from mlkd_scale.tasks.glue.task import GlueTask, teacher_label_order
+from mlkd_scale.tasks.squad.task import is_squad_task
 
 
 def load_task_teacher(path: str, dtype: str, task: GlueTask) -> tuple[PreTrainedModel, list[int] | None]:

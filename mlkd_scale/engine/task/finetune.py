@@ -21,10 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from mlkd_scale.tasks.squad.task import is_squad_task
 from mlkd_scale.engine.distributed import DistInfo
-from mlkd_scale.models.distillation_module import MODEL_INPUTS
-from mlkd_scale.models.qa_head import SpanSupervisedModule, qa_model_for_finetuning
 from mlkd_scale.engine.task.context import (
     export_best,
     label_config,
@@ -34,8 +31,11 @@ from mlkd_scale.engine.task.context import (
     print_stopped,
 )
 from mlkd_scale.engine.task.stage import StageSetup, TaskStage
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
+from mlkd_scale.models.qa_head import SpanSupervisedModule, qa_model_for_finetuning
 from mlkd_scale.models.taps import head_logits
 from mlkd_scale.spec import RunSpec
+from mlkd_scale.tasks.squad.task import is_squad_task
 
 NAME = "finetune"
 

@@ -73,9 +73,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mlkd_scale.tasks.data import EncodedSplit
 from mlkd_scale.engine.checkpoints.manager import atomic_write_text
-from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.engine.task.teacher_cache_store import (
     STORAGE,
     FieldSpec,
@@ -85,8 +83,10 @@ from mlkd_scale.engine.task.teacher_cache_store import (
     shard_dir,
     to_storage,
 )
+from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.taps import Features, FeatureTap
 from mlkd_scale.spec import SpecError
+from mlkd_scale.tasks.data import EncodedSplit
 
 FORMAT = 1
 CACHE_DIR = "teacher_cache"

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlkd_scale.tasks.utf8 import not_utf8
 from mlkd_scale.errors import DataError
+from mlkd_scale.tasks.utf8 import not_utf8
 
 if TYPE_CHECKING:
     from mlkd_scale.tasks.glue.task import GlueTask

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from mlkd_scale.tasks.utf8 import not_utf8
 from mlkd_scale.errors import DataError
+from mlkd_scale.tasks.utf8 import not_utf8
 
 log = logging.getLogger("mlkd_scale")
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mlkd_scale.tasks.data import EncodedSplit, TaskData
 from mlkd_scale.tasks.squad.pipeline import (
     CLS_INDEX,
     SquadDataError,
@@ -41,7 +42,6 @@ from mlkd_scale.tasks.squad.pipeline import (
     read_squad_json,
     squad_metrics,
 )
-from mlkd_scale.tasks.data import EncodedSplit, TaskData
 
 if TYPE_CHECKING:
     from mlkd_scale.spec import SquadSpec, TaskSpec
