@@ -25,7 +25,8 @@ from mlkd_scale.data.augment.augmenter import (
     GloveNeighbours,
     augment_dataset,
 )
-from mlkd_scale.data.augment.inputs import TASKS, AugmentInputError, file_sha256, read_examples
+from mlkd_scale.data.augment.inputs import AugmentInputError, file_sha256, read_examples
+from mlkd_scale.tasks.glue.table import TASKS, get_task
 
 
 def _parse() -> argparse.Namespace:
@@ -33,7 +34,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--teacher_mlm", required=True, help="Hugging Face dir of a masked LM (e.g. BERT-base)")
     parser.add_argument("--input", required=True, help="training examples: .jsonl, or .tsv with a header")
     parser.add_argument("--out", required=True, help="cache directory (shards, settings.json, DONE)")
-    parser.add_argument("--task", choices=sorted(TASKS), type=str.lower,
+    parser.add_argument("--task", choices=sorted(t.name.lower() for t in TASKS.values() if t.augment), type=str.lower,
                         help="GLUE task: sets the fields and TinyBERT's n for it (explicit flags win)")
     parser.add_argument("--n", "--num_variants", dest="n", type=int, default=None,
                         help="variants per sentence (default 20, or the task's); under deepspeed spell it "
@@ -51,7 +52,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--label_field", default=None)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     args = parser.parse_args()
-    preset = TASKS.get(args.task)
+    preset = get_task(args.task).augment if args.task else None
     args.columns = preset.columns if preset else None
     args.n = args.n if args.n is not None else (preset.n if preset else 20)
     args.text_a_field = args.text_a_field or (preset.text_a if preset else "text_a")

@@ -1,7 +1,10 @@
 """``mlkd-scale`` command line: check a spec before a cluster job, print its schema, export a student.
 
 Commands return None (or exit) so that ``fire`` prints nothing of its own; errors for users are the
-:class:`~mlkd_scale.spec.SpecError` lines on stderr with exit status 2, never a traceback.
+:class:`~mlkd_scale.errors.SpecError` lines on stderr with exit status 2, never a traceback.
+
+The spec is light and imported here; a command that needs torch (export, agreement, pretokenize)
+imports its modules when it runs, so ``mlkd-scale validate`` and ``schema`` answer in a moment.
 """
 
 from __future__ import annotations
@@ -9,6 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from mlkd_scale.errors import CheckpointError, DataError, SpecError
+from mlkd_scale.spec import load_spec, resolve_plan, spec_hash
+from mlkd_scale.spec.overrides import schema_text
 
 EXIT_BAD_INPUT = 2
 
@@ -38,9 +45,6 @@ def validate(spec: str, world_size: int | None = None, overrides: list[str] | tu
         world_size: Ranks the run will use (default: $WORLD_SIZE or 1); the global batch depends on it.
         overrides: ``--set FIELD=VALUE`` edits of the spec (repeatable), checked like the file.
     """
-    from mlkd_scale.plan import resolve_plan
-    from mlkd_scale.spec import SpecError, load_spec, spec_hash
-
     world_size = _world_size(world_size)
     try:
         run_spec = load_spec(str(spec), world_size=world_size, overrides=_as_list(overrides))
@@ -82,14 +86,11 @@ def _gather_sets(argv: list[str]) -> list[str]:
 
 def schema() -> None:
     """Print the JSON Schema of a run spec (shipped as mlkd_scale/spec/run_spec.schema.json)."""
-    from mlkd_scale.spec.overrides import schema_text
-
     print(schema_text(), end="")
 
 
 def export(checkpoint: str, out: str) -> None:
     """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory."""
-    from mlkd_scale.engine.checkpoints.manager import CheckpointError
     from mlkd_scale.engine.export.hf_export import export_checkpoint
 
     try:
@@ -125,8 +126,6 @@ def pretokenize(spec: str, out: str | None = None, workers: int | None = None) -
     processes (default: every CPU core), packed exactly as streaming packs it.
     """
     from mlkd_scale.data.corpus.pretokenized import write_pretokenized
-    from mlkd_scale.data.corpus.sources import DataError
-    from mlkd_scale.spec import SpecError, load_spec
 
     try:
         run = load_spec(spec)

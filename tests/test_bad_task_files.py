@@ -21,7 +21,7 @@ from mlkd_scale.engine.task.context import make_context
 from mlkd_scale.errors import DataError
 from mlkd_scale.spec import RunSpec, TaskSpec
 from mlkd_scale.tasks import utf8
-from mlkd_scale.tasks.glue.task import load_glue
+from mlkd_scale.tasks.glue.read import load_glue
 from mlkd_scale.tasks.squad.pipeline import SquadDataError, read_squad_json
 from mlkd_scale.tasks.squad.task import read_split
 

@@ -1,4 +1,4 @@
-"""GLUE readers (original files and hub), tokenization and the official metrics (mlkd_scale.tasks.glue.task*)."""
+"""GLUE readers (original files and hub), tokenization and the official metrics (mlkd_scale.tasks.glue)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,9 @@ import pytest
 import torch
 
 from mlkd_scale.tasks.glue import metrics as gm
-from mlkd_scale.tasks.glue.task import (
-    TASKS,
-    GlueExample,
-    encode_glue,
-    get_task,
-    load_glue,
-    read_glue_file,
-    teacher_label_order,
-)
+from mlkd_scale.tasks.glue.read import encode_glue, load_glue, read_glue_file
+from mlkd_scale.tasks.glue.table import TASKS, get_task, teacher_label_order
+from mlkd_scale.tasks.glue.tsv import GlueExample
 
 ASSETS = Path(__file__).parent / "assets" / "glue"
 LABELLED = ("train", "validation", "validation_matched", "validation_mismatched")
@@ -180,7 +174,7 @@ def test_qqp_malformed_rows_are_skipped_and_counted(caplog):
     examples, skipped = read_glue_file("qqp", "train", task_dir("qqp") / "train.tsv")
     assert skipped == 2 and len(examples) == 10  # one row split over two lines by a newline
     assert "train-5006" not in {ex.guid for ex in examples}
-    with caplog.at_level(logging.WARNING, logger="mlkd_scale.tasks.glue.task"):
+    with caplog.at_level(logging.WARNING, logger="mlkd_scale.tasks.glue.read"):
         load_glue("qqp", "train", task_dir("qqp"))
     assert "skipped 2 malformed row(s)" in caplog.text
     assert read_glue_file("qqp", "validation", task_dir("qqp") / "dev.tsv")[1] == 0

@@ -206,7 +206,7 @@ def test_universal_load_restores_everything(tmp_path, stage, precision):
     load_universal (as at a new world size): weights, optimizer (both AdamW groups, weight decay
     included), lr schedule, client state and RNG come back, and training continues identically."""
     from mlkd_scale.engine.deepspeed_engine import build_engine
-    from mlkd_scale.plan import resolve_plan
+    from mlkd_scale.spec.plan import resolve_plan
 
     h.init_single_process()
     spec = _run_spec(

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlkd_scale.plan import Plan, resolve_plan
+from mlkd_scale.spec.plan import Plan, resolve_plan
 from mlkd_scale.spec import DS_CONFIG_DIR, RunSpec, SpecError, load_spec, spec_hash
 
 REPO = Path(__file__).resolve().parent.parent

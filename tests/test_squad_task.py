@@ -33,8 +33,10 @@ from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features
 from mlkd_scale.spec import LossesSpec, RunSpec, SpecError, load_spec
+from mlkd_scale.tasks.registry import open_task
+from mlkd_scale.tasks.squad.names import squad_task_name
 from mlkd_scale.tasks.squad.pipeline import prepare_train_features, read_squad
-from mlkd_scale.tasks.squad.task import limit_questions, load_squad_task_data, squad_task_name
+from mlkd_scale.tasks.squad.task import limit_questions
 
 V2_KEYS = {"exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
            "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}
@@ -107,7 +109,7 @@ def test_bad_squad_specs_are_one_clear_error(tmp_path: Path, overrides: dict, me
 def test_windows_masks_and_question_cut(tmp_path: Path, tokenizer) -> None:
     spec = load_spec(squad_spec(tmp_path, make_qa_teacher(tmp_path / "t"), "squad_v2",
                                 squad={"max_query_length": 5})).task
-    data = load_squad_task_data(spec, tokenizer)
+    data = open_task(spec).load_data(tokenizer, with_augmented=False)
     examples = read_squad(SQUAD / "tiny-v2.0.json")
     assert data.task.name == "squad_v2" and data.task.main_metric == "f1" and data.stage1_train is data.train
     train, dev = data.train, data.dev["validation"]
@@ -141,9 +143,9 @@ def test_data_dir_layout_and_the_hub_read_the_same(tmp_path: Path, tokenizer, mo
         shutil.copy(SQUAD / "tiny-v1.1.json", folder / name)
     teacher = make_qa_teacher(tmp_path / "t")
     no_files = {"train_file": None, "dev_file": None}
-    from_files = load_squad_task_data(load_spec(squad_spec(tmp_path, teacher, "squad")).task, tokenizer)
-    from_dir = load_squad_task_data(
-        load_spec(squad_spec(tmp_path, teacher, "squad", task__data_dir=str(folder), squad=no_files)).task, tokenizer)
+    from_files = open_task(load_spec(squad_spec(tmp_path, teacher, "squad")).task).load_data(tokenizer, with_augmented=False)
+    from_dir = open_task(
+        load_spec(squad_spec(tmp_path, teacher, "squad", task__data_dir=str(folder), squad=no_files)).task).load_data(tokenizer, with_augmented=False)
     assert torch.equal(from_dir.train.tensors["input_ids"], from_files.train.tensors["input_ids"])
 
     examples = read_squad(SQUAD / "tiny-v1.1.json")
@@ -158,24 +160,24 @@ def test_data_dir_layout_and_the_hub_read_the_same(tmp_path: Path, tokenizer, mo
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub_spec = load_spec(squad_spec(tmp_path, teacher, "squad", squad=no_files))
-    from_hub = load_squad_task_data(hub_spec.task, tokenizer)
+    from_hub = open_task(hub_spec.task).load_data(tokenizer, with_augmented=False)
     assert calls == [("rajpurkar/squad", "train"), ("rajpurkar/squad", "validation")]
     assert torch.equal(from_hub.train.tensors["start_positions"], from_files.train.tensors["start_positions"])
 
     (folder / "dev-v1.1.json").unlink()
     with pytest.raises(ValueError, match=r"task.data_dir: .* has no dev-v1.1.json; put the official file there"):
-        load_squad_task_data(load_spec(squad_spec(tmp_path, teacher, "squad", task__data_dir=str(folder),
-                                                  squad=no_files)).task, tokenizer)
+        open_task(load_spec(squad_spec(tmp_path, teacher, "squad", task__data_dir=str(folder),
+                                                  squad=no_files)).task).load_data(tokenizer, with_augmented=False)
     v2_as_v1 = squad_spec(tmp_path, teacher, "squad", squad=squad_files("squad_v2"))
     with pytest.raises(ValueError, match="has no answer, which SQuAD v1.1 does not allow; .* set task.name to squad_v2"):
-        load_squad_task_data(load_spec(v2_as_v1).task, tokenizer)
+        open_task(load_spec(v2_as_v1).task).load_data(tokenizer, with_augmented=False)
 
 
 @pytest.mark.parametrize("version", ["squad_v1", "squad_v2"])
 def test_oracle_logits_score_100(tmp_path: Path, tokenizer, version: str) -> None:
     """Logits that point at the gold labels of every window score 100 after post-processing."""
     spec = load_spec(squad_spec(tmp_path, make_qa_teacher(tmp_path / "t"), version)).task
-    data = load_squad_task_data(spec, tokenizer)
+    data = open_task(spec).load_data(tokenizer, with_augmented=False)
     labels = prepare_train_features(
         limit_questions(read_squad(squad_files(version)["dev_file"]), tokenizer, spec.squad.max_query_length),
         tokenizer, spec.max_seq_length, spec.squad.doc_stride)

@@ -10,15 +10,12 @@ from task_fixtures import GLUE
 from transformers import AutoTokenizer
 
 from mlkd_scale.data.augment.augmenter import augment_dataset
-from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, TaskSpec, load_spec
-from mlkd_scale.tasks.data import (
-    EpochSampler,
-    load_task_data,
-    parse_label,
-    steps_for,
-)
-from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.tasks.data import EpochSampler, steps_for
+from mlkd_scale.tasks.glue.table import get_task
+from mlkd_scale.tasks.glue.task import parse_label
+from mlkd_scale.tasks.registry import open_task
 
 
 def _epochs(sampler: EpochSampler, batches: int) -> list[list[int]]:
@@ -101,21 +98,21 @@ def tokenizer():
 
 
 def test_stage1_trains_on_the_augmentation_cache(tmp_path: Path, tokenizer) -> None:
-    from mlkd_scale.data.augment.inputs import TASKS, read_examples
+    from mlkd_scale.data.augment.inputs import read_examples
 
-    preset = TASKS["rte"]
+    preset = get_task("rte").augment
     examples = read_examples(GLUE / "RTE" / "train.tsv", preset.text_a, preset.text_b, preset.label)
     augment_dataset(examples, tmp_path / "aug", _CopyAugmenter())
     spec = TaskSpec(name="rte", data_dir=str(GLUE / "RTE"), max_seq_length=32, augmented_dir=str(tmp_path / "aug"))
-    data = load_task_data(spec, tokenizer)
+    data = open_task(spec).load_data(tokenizer, with_augmented=True)
     assert len(data.stage1_train) == 2 * len(data.train)
     assert data.stage1_train.labels[::2].tolist() == data.train.labels.tolist()
     assert "augmented" in data.describe()
-    assert load_task_data(spec, tokenizer, with_augmented=False).stage1_train is not None
+    assert open_task(spec).load_data(tokenizer, with_augmented=False).stage1_train is not None
 
 
 def test_mnli_has_two_dev_splits(tokenizer) -> None:
-    data = load_task_data(TaskSpec(name="MNLI", data_dir=str(GLUE / "MNLI"), max_seq_length=32), tokenizer)
+    data = open_task(TaskSpec(name="MNLI", data_dir=str(GLUE / "MNLI"), max_seq_length=32)).load_data(tokenizer, with_augmented=True)
     assert list(data.dev) == ["validation_matched", "validation_mismatched"]
     assert data.train.tensors["input_ids"].shape[1] == 32
 
@@ -169,8 +166,8 @@ def test_general_spec_still_needs_a_budget(tmp_path: Path) -> None:
 
 
 def test_toy_sentiment_task_reads_as_sst2(tmp_path: Path, tokenizer) -> None:
-    from mlkd_scale.tasks.data import write_toy_sentiment
-    from mlkd_scale.tasks.glue.task import load_glue
+    from mlkd_scale.tasks.glue.read import load_glue
+    from mlkd_scale.tasks.glue.toy import write_toy_sentiment
 
     write_toy_sentiment(tmp_path, train_size=60, dev_size=30, seed=3)
     train, dev = load_glue("sst2", "train", tmp_path), load_glue("sst2", "validation", tmp_path)

@@ -22,7 +22,6 @@ from transformers import (
 
 from mlkd_scale.engine.checkpoints.manager import read_complete
 from mlkd_scale.engine.task.distill import (
-    load_task_teacher,
     run_task_kd,
     stage2_module_from_stage1,
 )
@@ -30,7 +29,8 @@ from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.engine.task.stage import full_state_dict
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.spec import load_spec
-from mlkd_scale.tasks.glue.task import TASKS, get_task
+from mlkd_scale.tasks.glue.table import TASKS, get_task
+from mlkd_scale.tasks.registry import open_task
 
 ALL_TASKS = [task.name for task in TASKS.values()]
 
@@ -106,8 +106,8 @@ def test_stop_anywhere_and_resume_exactly(tmp_path: Path, world, capsys) -> None
 
     # Stage 2 started from Stage 1's final weights, projections included
     stage1 = json.loads((runs["resumed"] / "stage1" / "result.json").read_text())
-    teacher_model, _ = load_task_teacher(str(teacher), "fp32", get_task("QQP"))
     spec = load_spec(tmp_path / "resumed" / "spec.json")
+    teacher_model, _ = open_task(spec.task).load_teacher(str(teacher), "fp32")
 
     def module_factory(student):
         from mlkd_scale.losses import DistillationObjective
@@ -165,10 +165,9 @@ def test_stage2_reads_the_augmentation_cache_only_when_asked(tmp_path: Path, wor
     from test_task_data import _CopyAugmenter
 
     from mlkd_scale.data.augment.augmenter import augment_dataset
-    from mlkd_scale.data.augment.inputs import TASKS as AUGMENT_TASKS
     from mlkd_scale.data.augment.inputs import read_examples
 
-    preset = AUGMENT_TASKS["sst-2"]
+    preset = get_task("sst-2").augment
     examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)
     augment_dataset(examples, tmp_path / "aug", _CopyAugmenter())  # 2 variants of every example
     teacher = make_task_teacher(tmp_path / "teacher", "SST-2")

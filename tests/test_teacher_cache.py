@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.task import teacher_cache
-from mlkd_scale.engine.task.distill import load_task_teacher, run_task_kd
+from mlkd_scale.engine.task.distill import run_task_kd
 from mlkd_scale.engine.task.teacher_cache import (
     POOLED,
     flat_features,
@@ -46,8 +46,8 @@ from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import SpecError, load_spec
-from mlkd_scale.tasks.data import load_task_data
-from mlkd_scale.tasks.glue.task import get_task
+from mlkd_scale.tasks.glue.table import get_task
+from mlkd_scale.tasks.registry import open_task
 
 #: (preset, stage, losses overrides): every task stage a preset has (distilbert's stage 1 distils
 #: masked-LM logits, which a task teacher does not have; minilmv2's stage 2 with labels reads nothing)
@@ -76,8 +76,9 @@ class Ctx:
 def _setup(tmp: Path, world, teacher_dir: Path, spec_name: str = "spec.json", **overrides):
     tmp.mkdir(parents=True, exist_ok=True)
     spec = load_spec(task_spec(tmp, teacher_dir, "SST-2", path=tmp / spec_name, **overrides))
-    teacher, _ = load_task_teacher(spec.teacher.path, spec.teacher.dtype, get_task("SST-2"))
-    split = load_task_data(spec.task, AutoTokenizer.from_pretrained(teacher_dir), with_augmented=False).train
+    task = open_task(spec.task)
+    teacher, _ = task.load_teacher(spec.teacher.path, spec.teacher.dtype)
+    split = task.load_data(AutoTokenizer.from_pretrained(teacher_dir), with_augmented=False).train
     return Ctx(spec, world), teacher, split
 
 
@@ -356,10 +357,9 @@ def test_augmented_stage1_data_is_cached_or_falls_back_by_size(tmp_path: Path, w
     from test_task_data import _CopyAugmenter
 
     from mlkd_scale.data.augment.augmenter import augment_dataset
-    from mlkd_scale.data.augment.inputs import TASKS as AUGMENT_TASKS
     from mlkd_scale.data.augment.inputs import read_examples
 
-    preset = AUGMENT_TASKS["sst-2"]
+    preset = get_task("sst-2").augment
     examples = read_examples(GLUE / "SST-2" / "train.tsv", preset.text_a, preset.text_b, preset.label)
     augment_dataset(examples, tmp_path / "aug", _CopyAugmenter())  # 2 variants of each of the 12 examples
     teacher = make_task_teacher(tmp_path / "teacher", "SST-2")

@@ -42,7 +42,7 @@ from mlkd_scale.models import (
     resolve_layer_mapping,
 )
 from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
 
 

@@ -41,7 +41,7 @@ from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
-from mlkd_scale.plan import Plan
+from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import RunSpec, spec_hash
 
 log = logging.getLogger("mlkd_scale")

@@ -29,7 +29,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import PreTrainedModel
 
-from mlkd_scale.plan import Plan
+from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import SpecError, TeacherSpec
 
 #: ``zero_optimization`` keys of the run's DeepSpeed config that the teacher's engine inherits.

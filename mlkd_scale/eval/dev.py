@@ -3,12 +3,9 @@
 Rank ``r`` takes examples ``r, r + W, r + 2W, ...``; every rank runs the same number of forward
 calls (a rank whose share ran out repeats a row and drops the result), because a ZeRO-3 model
 gathers its parameters collectively in each forward. Predictions travel to rank 0, which puts
-them back in dataset order and computes the official GLUE metrics; the metrics are then broadcast,
-so every rank takes the same best-checkpoint decision.
-
-SQuAD dev splits (:class:`~mlkd_scale.tasks.squad.task.SquadDevSplit`) hold windows, not examples:
-the prediction of a window is its ``[2, L]`` start/end logits, and the split scores itself
-(post-processing to answer texts, official EM/F1).
+them back in dataset order and has the task score them (:meth:`~mlkd_scale.tasks.base.Task.score`:
+GLUE's official metrics; SQuAD's post-processing and EM/F1 over the windows' ``[2, L]`` start/end
+logits); the metrics are then broadcast, so every rank takes the same best-checkpoint decision.
 """
 
 from __future__ import annotations
@@ -21,10 +18,8 @@ import torch.distributed as dist
 
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
+from mlkd_scale.tasks.base import Task
 from mlkd_scale.tasks.data import EncodedSplit
-from mlkd_scale.tasks.glue.metrics import glue_metrics
-from mlkd_scale.tasks.glue.task import GlueTask
-from mlkd_scale.tasks.squad.task import SquadDevSplit
 
 #: ``predict(inputs) -> logits [B, C]`` (scores ``[B, 1]``; SQuAD ``[B, 2, L]``) for a batch of model inputs.
 PredictFn = Callable[[dict], torch.Tensor]
@@ -59,16 +54,14 @@ def gather_predictions(predict: PredictFn, split: EncodedSplit, batch_size: int,
 
 
 def evaluate(
-    predict: PredictFn, dev: dict[str, EncodedSplit], task: GlueTask, batch_size: int, info: DistInfo
+    predict: PredictFn, dev: dict[str, EncodedSplit], task: Task, batch_size: int, info: DistInfo
 ) -> dict[str, dict[str, float]]:
     """``{dev split: {metric: value}}`` on every rank (computed on rank 0, then broadcast)."""
     results: dict[str, dict[str, float]] = {}
     for name, split in dev.items():
         predictions = gather_predictions(predict, split, batch_size, info)
-        if info.is_main and isinstance(split, SquadDevSplit):
-            results[name] = split.score(predictions)
-        elif info.is_main:
-            results[name] = glue_metrics(task, predictions, split.labels)
+        if info.is_main:
+            results[name] = task.score(split, predictions)
     if dist.is_initialized() and info.world_size > 1:
         box = [results]
         dist.broadcast_object_list(box, src=0)

@@ -5,7 +5,7 @@ with the documented default, so a user can switch readings without code changes.
 Unknown keys are rejected everywhere (``extra="forbid"``).
 
 The spec is the single source of truth of a run: batch sizes, learning rate, precision and ZeRO
-stage live here, and the DeepSpeed JSON is filled from it (see :mod:`mlkd_scale.plan`). Bad input
+stage live here, and the DeepSpeed JSON is filled from it (see :mod:`mlkd_scale.spec.plan`). Bad input
 never surfaces as a traceback: :func:`load_spec` gathers every problem (types, unknown keys,
 cross-field rules, files that must exist) into one :class:`SpecError`, so a user fixes a spec in
 one pass.
@@ -17,28 +17,22 @@ the section itself.
 Modules: :mod:`~mlkd_scale.spec.fields` (``StrictModel``), :mod:`~mlkd_scale.spec.sections` (general
 distillation's sections), :mod:`~mlkd_scale.spec.losses` (``LossesSpec``), :mod:`~mlkd_scale.spec.presets`
 (the preset names, kept light), :mod:`~mlkd_scale.spec.task` (the ``task`` section), :mod:`~mlkd_scale.spec.run`
-(``RunSpec``), :mod:`~mlkd_scale.spec.errors` (``SpecError``), :mod:`~mlkd_scale.spec.loading`
-(``load_spec``), :mod:`~mlkd_scale.spec.paths` (files a run needs, looked at through
+(``RunSpec``), :mod:`~mlkd_scale.spec.errors` (Pydantic errors as ``SpecError`` lines),
+:mod:`~mlkd_scale.spec.reading` (a spec file, safely), :mod:`~mlkd_scale.spec.loading` (``load_spec``),
+:mod:`~mlkd_scale.spec.plan` (the resolved plan and DeepSpeed config), :mod:`~mlkd_scale.spec.paths` (files a run needs, looked at through
 :mod:`~mlkd_scale.spec.fs` and listed by :mod:`~mlkd_scale.spec.listing`), :mod:`~mlkd_scale.spec.identity`
 (``spec_hash``). Everything is importable from ``mlkd_scale.spec``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from mlkd_scale.spec.errors import SpecError, format_validation_error, one_line
 from mlkd_scale.spec.fields import MAX_INT, StrictModel
 from mlkd_scale.spec.identity import HASH_EXCLUDE, spec_hash
-from mlkd_scale.spec.loading import (
-    MAX_DEPTH,
-    MAX_SPEC_BYTES,
-    MAX_VALUES,
-    load_spec,
-    read_mapping,
-    structure_problems,
-)
+from mlkd_scale.spec.loading import load_spec
 from mlkd_scale.spec.paths import DS_CONFIG_DIR, check_paths, find_deepspeed_config, looks_local
+from mlkd_scale.spec.plan import Plan, resolve_plan
+from mlkd_scale.spec.reading import MAX_DEPTH, MAX_SPEC_BYTES, MAX_VALUES, read_mapping, structure_problems
 from mlkd_scale.spec.run import RunSpec
 from mlkd_scale.spec.sections import (
     CheckpointSpec,
@@ -76,6 +70,7 @@ __all__ = [
     "FinetuneBudget",
     "LoggingSpec",
     "LossesSpec",
+    "Plan",
     "RunInfo",
     "RunSpec",
     "SourceSpec",
@@ -99,18 +94,10 @@ __all__ = [
     "model_fit_problems",
     "one_line",
     "read_mapping",
+    "resolve_plan",
     "spec_hash",
     "structure_problems",
     "teacher_fit_problems",
     "width_problem",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # Plan / resolve_plan live in mlkd_scale.plan (which imports this module); re-exported lazily
-    # so `from mlkd_scale.spec import resolve_plan` works without an import cycle.
-    if name in ("Plan", "resolve_plan"):
-        from mlkd_scale import plan as _plan
-
-        return getattr(_plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

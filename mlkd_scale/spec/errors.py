@@ -1,4 +1,4 @@
-"""``SpecError`` and the translation of Pydantic errors into one line per problem, named by field path."""
+"""The translation of Pydantic errors into :class:`~mlkd_scale.errors.SpecError` lines, one per problem, named by field path."""
 
 from __future__ import annotations
 
@@ -14,34 +14,10 @@ from pydantic import (
     ValidationError,
 )
 
+from mlkd_scale.errors import SpecError, one_line
 from mlkd_scale.spec.run import RunSpec
 
-
-class SpecError(Exception):
-    """Everything wrong with a spec, one line per problem, each naming the field or file and the fix.
-
-    Raised once with all problems so a user fixes the spec in one pass; never a traceback for bad input.
-    """
-
-    def __init__(self, problems: list[str] | str):
-        problems = [problems] if isinstance(problems, str) else list(problems)
-        # One problem is one line: user text quoted in a message (a path with a newline, a key with
-        # a NUL byte) is escaped, so a line never breaks or hides what follows.
-        self.problems = [one_line(str(p)) for p in problems]
-        super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other non-printable characters escaped (``\\n``, ``\\x00``)."""
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-        for ch in text
-    )
+__all__ = ["SpecError", "format_validation_error", "one_line"]
 
 
 _PLAIN_KEY = re.compile(r"^[\w\-]+$")

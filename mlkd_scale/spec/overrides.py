@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlkd_scale.spec.errors import SpecError
+from mlkd_scale.spec.run import RunSpec
 
 SCHEMA_FILE = Path(__file__).with_name("run_spec.schema.json")
 SCHEMA_KEY = "$schema"
@@ -85,8 +86,6 @@ def drop_schema_key(data: dict, source: str) -> dict:
 
 def json_schema() -> dict:
     """The run spec's JSON Schema, with the ``$schema`` key a spec may carry."""
-    from mlkd_scale.spec.run import RunSpec
-
     schema = RunSpec.model_json_schema()
     schema["properties"] = {
         SCHEMA_KEY: {"type": "string", "description": "Path or URL of this schema (editors read it); ignored."},

@@ -11,6 +11,7 @@ from pydantic import (
 )
 
 from mlkd_scale.spec.fields import StrictModel
+from mlkd_scale.tasks.names import canonical_task_name, is_squad_name
 
 _EPOCHS = "Passes over the stage's training data; ignored when max_steps is set."
 _LR = "Peak learning rate of AdamW in this stage."
@@ -132,16 +133,7 @@ class TaskSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from mlkd_scale.tasks.glue.task import get_task
-        from mlkd_scale.tasks.squad.task import squad_task_name
-
-        squad = squad_task_name(value)
-        if squad is not None:
-            return squad  # 'squad_v1' or 'squad_v2'
-        try:
-            return get_task(value).name  # GLUE's own spelling
-        except ValueError as error:
-            raise ValueError(f"{error}, or SQuAD: squad_v1, squad_v2") from None
+        return canonical_task_name(value)  # 'squad_v1', 'squad_v2' or GLUE's own spelling
 
     @property
     def is_squad(self) -> bool:
@@ -151,11 +143,8 @@ class TaskSpec(StrictModel):
     @classmethod
     def _squad_defaults(cls, data: Any) -> Any:
         """SQuAD runs get a squad section with its defaults and windows of 384 tokens unless set."""
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            from mlkd_scale.tasks.squad.task import squad_task_name
-
-            if squad_task_name(data["name"]) is not None:
-                data = {**data, "max_seq_length": data.get("max_seq_length", 384), "squad": data.get("squad") or {}}
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and is_squad_name(data["name"]):
+            data = {**data, "max_seq_length": data.get("max_seq_length", 384), "squad": data.get("squad") or {}}
         return data
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, load_teacher
 from mlkd_scale.models.student import build_student_config
 from mlkd_scale.models.taps import TapRequest
-from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import StudentSpec, load_spec
 
 #: A student as wide as the test teacher, so it can be initialised from teacher layers.

@@ -28,13 +28,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from mlkd_scale.errors import AugmentCacheError
+
 SETTINGS = "settings.json"
 DONE = "DONE"
 _RESERVED = {"example_index", "variant", "augmented", "text_a", "text_b"}
-
-
-class AugmentCacheError(RuntimeError):
-    """A problem with an augmentation cache directory, worded for the user with the fix."""
 
 
 def shard_path(out_dir: Path, rank: int, world_size: int, suffix: str = ".jsonl") -> Path:

@@ -1,7 +1,8 @@
 """Reading the examples to augment: jsonl with named fields, or a TSV with a header (GLUE-like).
 
-Also TinyBERT's per-task defaults (which GLUE columns hold the sentences and the label, and how
-many variants ``n`` its code makes per task), so ``--task MNLI`` is enough for a GLUE file.
+TinyBERT's per-task defaults (which GLUE columns hold the sentences and the label, and how many
+variants ``n`` its code makes per task) are in the GLUE task table
+(:attr:`~mlkd_scale.tasks.glue.table.GlueTask.augment`), so ``--task MNLI`` is enough for a GLUE file.
 """
 
 from __future__ import annotations
@@ -10,34 +11,9 @@ import csv
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-
-class AugmentInputError(ValueError):
-    """A problem with the input file, worded for the user (file, line, field)."""
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    text_a: str
-    text_b: str | None
-    label: str
-    n: int
-    columns: tuple[str, ...] | None = None  # for GLUE files without a header row (CoLA)
-
-
-# GLUE train.tsv column names; n from TinyBERT's data_augmentation.py defaults.
-TASKS = {
-    "cola": TaskPreset("sentence", None, "label", 30, ("source", "label", "label_notes", "sentence")),
-    "sst-2": TaskPreset("sentence", None, "label", 20),
-    "mrpc": TaskPreset("#1 String", "#2 String", "Quality", 30),
-    "sts-b": TaskPreset("sentence1", "sentence2", "score", 30),
-    "qqp": TaskPreset("question1", "question2", "is_duplicate", 10),
-    "mnli": TaskPreset("sentence1", "sentence2", "gold_label", 10),
-    "qnli": TaskPreset("question", "sentence", "label", 20),
-    "rte": TaskPreset("sentence1", "sentence2", "label", 30),
-}
+from mlkd_scale.errors import AugmentInputError
 
 
 def file_sha256(path: str | Path) -> str:

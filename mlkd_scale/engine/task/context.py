@@ -1,4 +1,4 @@
-"""What teacher fine-tuning and task distillation share: setup, label config, export, reports."""
+"""What teacher fine-tuning and task distillation share: setup (the task, its data, the plan), export, reports."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ from mlkd_scale.engine.task.stage import TaskContext
 from mlkd_scale.eval.dev import PredictFn, evaluate, format_metrics
 from mlkd_scale.models import check_model_fit
 from mlkd_scale.models.taps import head_logits
-from mlkd_scale.plan import resolve_plan
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
-from mlkd_scale.tasks.data import load_task_data
-from mlkd_scale.tasks.glue.task import GlueTask
-from mlkd_scale.tasks.squad.task import is_squad_task
+from mlkd_scale.tasks.registry import open_task
 
 EVAL_RESULTS = "eval_results.json"
 
@@ -43,28 +41,13 @@ def make_context(
     tokenizer = AutoTokenizer.from_pretrained(spec.teacher.path)
     check_model_fit(spec, tokenizer)  # before the data is read and any model or engine is built
     try:
-        data = load_task_data(spec.task, tokenizer, with_augmented=with_augmented)
+        data = open_task(spec.task).load_data(tokenizer, with_augmented=with_augmented)
     except (ValueError, OSError, RuntimeError) as error:  # file, label and cache problems: one line each
         raise DataError(f"task data: {error}") from None
     ctx = TaskContext(spec, info, plan, data.task, tokenizer, data.dev, stop_after_steps)
     stage2 = " (Stage 2 too: task.augment_stage2)" if spec.task.augment_stage2 and with_augmented else ""
     ctx.print(plan.summary(), data.describe() + stage2)
     return ctx, data
-
-
-def label_config(task: GlueTask) -> dict:
-    """Config overrides that give a sequence-classification model the task's labels, in our order
-    (none for SQuAD: a QA head has its fixed two outputs per token)."""
-    if is_squad_task(task):
-        return {}
-    if task.is_regression:
-        return {"num_labels": 1, "problem_type": "regression"}
-    return {
-        "num_labels": task.num_labels,
-        "id2label": dict(enumerate(task.label_names)),
-        "label2id": {name: i for i, name in enumerate(task.label_names)},
-        "problem_type": "single_label_classification",
-    }
 
 
 def export_best(ctx: TaskContext, result: dict, out_name: str, extra: dict | None = None) -> Path | None:
@@ -124,21 +107,18 @@ def metrics_line(what: str, results: dict) -> str:
 def evaluate_model_dir(model_dir: str | Path, task_spec, batch_size: int | None = None) -> dict:
     """Dev metrics of an exported model directory (teacher or student), in this one process.
 
-    ``task_spec`` is a spec's task section (data_dir, max_seq_length); logits are put in our label
-    order via the model's ``id2label``, as the run did. SQuAD: the directory is loaded with
-    ``AutoModelForQuestionAnswering`` and scored with the spec's post-processing settings.
+    ``task_spec`` is a spec's task section (data_dir, max_seq_length; SQuAD's post-processing). The
+    directory is loaded as the task loads a teacher (its head class; logits put in our label order
+    via the model's ``id2label``, as the run did).
     """
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    from mlkd_scale.tasks.glue.task import teacher_label_order
-
+    task = open_task(task_spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = load_task_data(task_spec, tokenizer, with_augmented=False)
+    data = task.load_data(tokenizer, with_augmented=False)
+    model, order = task.load_teacher(str(model_dir), "fp32")
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    batch_size = batch_size or task_spec.eval_batch_size
-    if is_squad_task(data.task):
-        qa_model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
-        return evaluate(lambda inputs: head_logits(qa_model(**inputs)), data.dev, data.task, batch_size, info)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    order = teacher_label_order(data.task, model.config.id2label)
-    return evaluate(lambda inputs: model(**inputs).logits[:, order], data.dev, data.task, batch_size, info)
+
+    def predict(inputs: dict) -> torch.Tensor:
+        logits = head_logits(model(**inputs))
+        return logits if order is None else logits[:, order]
+
+    return evaluate(predict, data.dev, task, batch_size or task_spec.eval_batch_size, info)

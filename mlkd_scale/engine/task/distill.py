@@ -32,14 +32,13 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from mlkd_scale.engine.checkpoints.manager import HF_META, CheckpointError
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.task.context import (
     cached_dev_metrics,
     export_best,
-    label_config,
     make_context,
     metrics_line,
     print_finished,
@@ -56,36 +55,9 @@ from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
 from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.models.qa_head import load_qa_teacher
 from mlkd_scale.models.taps import head_logits
-from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
-from mlkd_scale.tasks.glue.task import GlueTask, teacher_label_order
-from mlkd_scale.tasks.squad.task import is_squad_task
-
-
-def load_task_teacher(path: str, dtype: str, task: GlueTask) -> tuple[PreTrainedModel, list[int] | None]:
-    """The frozen task teacher and the column order that puts its logits in our label order
-    (None when it already is; MNLI teachers of the legacy scripts need it)."""
-    teacher, info = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=DTYPES[dtype], output_loading_info=True
-    )
-    fresh = [k for k in info.get("missing_keys", []) if "classifier" in k or "score" in k]
-    if fresh:
-        raise SpecError(
-            f"teacher.path: {path} has no trained classification head (e.g. {min(fresh)} is missing); "
-            "task distillation needs a fine-tuned task teacher: make one with launchers/finetune_teacher.py"
-        )
-    if teacher.config.num_labels != task.num_labels:
-        raise SpecError(
-            f"teacher.path: {path} predicts {teacher.config.num_labels} labels but {task.name} has "
-            f"{task.num_labels}; give a teacher fine-tuned on {task.name}"
-        )
-    try:
-        order = teacher_label_order(task, teacher.config.id2label)
-    except ValueError as error:
-        raise SpecError(f"teacher.path: {error}") from None
-    return freeze(teacher), (None if order == list(range(len(order))) else order)
+from mlkd_scale.tasks.base import Task
 
 
 def build_task_student(
@@ -97,7 +69,7 @@ def build_task_student(
     ``teacher_layers`` copies the teacher's head too, its rows permuted into our label order.
     """
     spec = ctx.spec.student
-    labels = label_config(ctx.task)
+    labels = ctx.task.label_config()
     if spec.init == "path":
         return type(teacher).from_pretrained(
             spec.path, dtype=torch.float32, ignore_mismatched_sizes=True, **labels
@@ -133,7 +105,7 @@ def stage2_module_from_stage1(teacher: PreTrainedModel, module_factory, stage1: 
     return module
 
 
-def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[int] | None, qa: bool) -> dict:
+def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[int] | None) -> dict:
     """The teacher's dev metrics (computed once per run, cached in ``teacher_eval.json``), printed."""
     spec = ctx.spec
 
@@ -142,17 +114,17 @@ def teacher_dev_metrics(ctx: TaskContext, teacher: PreTrainedModel, order: list[
         return logits if order is None else logits[:, order]
 
     key = {"teacher": str(Path(spec.teacher.path).absolute()), "max_seq_length": spec.task.max_seq_length}
-    if qa:  # windows, post-processing and data all shape the teacher's SQuAD scores
-        key.update(spec.task.model_dump(mode="json", include={"name", "data_dir", "squad"}))
+    key.update(ctx.task.teacher_eval_key())
     teacher_dev = cached_dev_metrics(ctx, key, teacher_logits, "teacher_eval.json")
     ctx.print(metrics_line("teacher", teacher_dev))
     return teacher_dev
 
 
-def stage_loss(tap: FeatureTap, cache: TeacherCache | None, order: list[int] | None, qa: bool):
+def stage_loss(task: Task, tap: FeatureTap, cache: TeacherCache | None, order: list[int] | None):
     """``make_loss(engine)`` of a distillation stage: the teacher's features of each micro batch from
     the stage's teacher cache by sample index (:mod:`~mlkd_scale.engine.task.teacher_cache`) or, without
-    one, from the live teacher through ``tap``; logits put in our label order; the engine's objective."""
+    one, from the live teacher through ``tap``; logits put in our label order; the engine's objective
+    on what the task's losses read (:meth:`~mlkd_scale.tasks.base.Task.loss_inputs`)."""
 
     def make_loss(engine):
         def loss(batch: dict):
@@ -164,9 +136,8 @@ def stage_loss(tap: FeatureTap, cache: TeacherCache | None, order: list[int] | N
                     features = tap(**inputs)
             if order is not None and features.logits is not None:
                 features.logits = features.logits[:, order]
-            if qa:  # no class labels; the start/end distributions are taken over span_mask
-                return engine({**inputs, "span_mask": batch["span_mask"]}, features, None)
-            return engine(inputs, features, batch["labels"])
+            inputs, labels = task.loss_inputs(batch, inputs)
+            return engine(inputs, features, labels)
 
         return loss
 
@@ -177,16 +148,12 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
     """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
     ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
     task, device = ctx.task, ctx.dist.device
-    qa = is_squad_task(task)
-    if qa:
-        teacher, order = load_qa_teacher(spec.teacher.path, spec.teacher.dtype), None
-    else:
-        teacher, order = load_task_teacher(spec.teacher.path, spec.teacher.dtype, task)
+    teacher, order = task.load_teacher(spec.teacher.path, spec.teacher.dtype)
     teacher_id = teacher_fingerprint(teacher, device) if spec.teacher.cache else None  # before placement
     placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
     ctx.print(placed_teacher.describe())
 
-    teacher_dev = teacher_dev_metrics(ctx, teacher, order, qa)
+    teacher_dev = teacher_dev_metrics(ctx, teacher, order)
     layer_map = resolve_layer_mapping(
         spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
     )
@@ -208,7 +175,8 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
 
         def make_module(student: PreTrainedModel, number: int = number) -> DistillationModule:
             objective = DistillationObjective(
-                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression, qa=qa
+                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression,
+                qa=task.span_logits,
             )
             module = DistillationModule(student, objective)
             compile_for_speed(spec.train.compile, teacher, module, spec.teacher.placement)
@@ -228,7 +196,7 @@ def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistIn
         setup = StageSetup(
             name=name,
             module=module,
-            make_loss=stage_loss(tap, cache, order, qa),
+            make_loss=stage_loss(task, tap, cache, order),
             make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
             train=train,
             budget=budget,

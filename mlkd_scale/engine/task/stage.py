@@ -39,10 +39,10 @@ from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.export.hf_export import consolidated_state_dict
 from mlkd_scale.engine.stage_runner import Evaluation, StageParts, StageRunner
 from mlkd_scale.eval.dev import PredictFn, evaluate, flat_metrics, format_metrics
-from mlkd_scale.plan import Plan
+from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import RunSpec, StageBudget
+from mlkd_scale.tasks.base import Task
 from mlkd_scale.tasks.data import EncodedSplit, EpochSampler, steps_for
-from mlkd_scale.tasks.glue.task import GlueTask
 
 RESULT = "result.json"
 
@@ -74,7 +74,7 @@ class TaskContext:
     spec: RunSpec
     dist: DistInfo
     plan: Plan  # the run's batch arithmetic and DeepSpeed config; steps are per stage
-    task: GlueTask
+    task: Task
     tokenizer: object
     dev: dict[str, EncodedSplit]
     stop_after_steps: int | None = None

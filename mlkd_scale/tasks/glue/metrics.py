@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlkd_scale.tasks.glue.task import GlueTask, get_task
+from mlkd_scale.tasks.glue.table import GlueTask, get_task
 
 
 def _pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:

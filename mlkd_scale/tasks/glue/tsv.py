@@ -1,6 +1,6 @@
 """The TSV files of the original GLUE distribution: where each file keeps its fields, and the reader.
 
-:mod:`mlkd_scale.tasks.glue.task` holds the task registry and says which layout each split's file has;
+:mod:`mlkd_scale.tasks.glue.table` holds the task table and says which layout each split's file has;
 this module reads one such file into :class:`GlueExample` rows. Everything wrong with a file is one
 :class:`~mlkd_scale.errors.DataError` line naming the file (and the line, or the byte offset) and the
 fix: a malformed row (except for QQP, whose known broken rows are skipped and counted), a wrong
@@ -20,7 +20,7 @@ from mlkd_scale.errors import DataError
 from mlkd_scale.tasks.utf8 import not_utf8
 
 if TYPE_CHECKING:
-    from mlkd_scale.tasks.glue.task import GlueTask
+    from mlkd_scale.tasks.glue.table import GlueTask
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from mlkd_scale.errors import DataError
+from mlkd_scale.errors import SquadDataError
 from mlkd_scale.tasks.utf8 import not_utf8
 
 log = logging.getLogger("mlkd_scale")
 
 Misaligned = Literal["repair", "error"]
-
-
-class SquadDataError(DataError):
-    """A SQuAD file or hub split that cannot be read as it is, in one sentence with the fix."""
 
 
 class SquadAnswer(NamedTuple):

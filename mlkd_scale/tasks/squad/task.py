@@ -3,10 +3,10 @@
 This module joins the SQuAD pipeline (:mod:`mlkd_scale.tasks.squad.pipeline`) to the task machinery that
 GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task.stage`):
 
-* :func:`squad_task_name` reads any spelling of the task name ('squad', 'SQuAD1.1', 'squad-v2',
-  'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;
-* :class:`SquadTask` plays the part of :class:`~mlkd_scale.tasks.glue.task.GlueTask` (name, main metric,
-  dev splits) for the stages, reports and exports;
+* :func:`~mlkd_scale.tasks.squad.names.squad_task_name` reads any spelling of the task name
+  ('squad', 'SQuAD1.1', 'squad-v2', 'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;
+* :class:`SquadTask` is the :class:`~mlkd_scale.tasks.base.Task` of SQuAD runs (head, teacher,
+  fine-tuning module, what the losses read, scoring);
 * :func:`load_squad_task_data` reads the examples (official JSON files or the hub), cuts long
   questions to ``task.squad.max_query_length`` tokens, builds doc-stride windows for train and dev
   and returns them as the same :class:`~mlkd_scale.tasks.data.TaskData` GLUE runs get. Train
@@ -22,14 +22,16 @@ start and end distributions over these positions only (:func:`~mlkd_scale.losses
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoModelForQuestionAnswering, PreTrainedModel
 
+from mlkd_scale.models.qa_head import SpanSupervisedModule, load_qa_teacher, qa_model_for_finetuning
+from mlkd_scale.spec import SquadSpec, TaskSpec
 from mlkd_scale.tasks.data import EncodedSplit, TaskData
+from mlkd_scale.tasks.squad.names import FILES, HUB, squad_task_name
 from mlkd_scale.tasks.squad.pipeline import (
     CLS_INDEX,
     SquadDataError,
@@ -43,52 +45,54 @@ from mlkd_scale.tasks.squad.pipeline import (
     squad_metrics,
 )
 
-if TYPE_CHECKING:
-    from mlkd_scale.spec import SquadSpec, TaskSpec
-
-#: Official file names per version, in a task.data_dir.
-FILES = {"squad_v1": ("train-v1.1.json", "dev-v1.1.json"), "squad_v2": ("train-v2.0.json", "dev-v2.0.json")}
-HUB = {"squad_v1": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
 TRAIN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions", "span_mask")
 EVAL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "span_mask")
 
 
-def squad_task_name(name: str) -> str | None:
-    """``squad_v1`` / ``squad_v2`` for any spelling of a SQuAD version, None for anything else.
-
-    Case, spaces, '-', '_' and '.' are ignored; 'squad' alone is v1.1.
-    """
-    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
-    if not key.startswith("squad"):
-        return None
-    version = key.removeprefix("squad").removeprefix("v")
-    if version in ("", "1", "11"):
-        return "squad_v1"
-    if version in ("2", "20"):
-        return "squad_v2"
-    return None
-
-
-@dataclass(frozen=True)
 class SquadTask:
-    """The task-level facts the stages and reports read (the GLUE runs read them off a GlueTask)."""
+    """A SQuAD task of a run as a :class:`~mlkd_scale.tasks.base.Task`: extractive QA with a start and
+    an end logit per token, scored by the official EM/F1 after post-processing."""
 
-    name: str  # "squad_v1" or "squad_v2"
-    main_metric: str  # "f1" or "exact": selects checkpoints (fixed null threshold)
-    dev_splits: tuple[str, ...] = ("validation",)
-    is_regression: bool = False
+    span_logits = True
+    is_regression = False
+    head_class = AutoModelForQuestionAnswering
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.name = spec.name  # "squad_v1" or "squad_v2"
+        self.main_metric = spec.squad.selection_metric  # "f1" or "exact" (fixed null threshold)
+
+    @staticmethod
+    def accepts(name: str) -> bool:
+        return squad_task_name(name) is not None
 
     @property
     def version_2(self) -> bool:
         return self.name == "squad_v2"
 
+    def label_config(self) -> dict:
+        return {}  # a QA head has its fixed two outputs per token
 
-def is_squad_task(task) -> bool:
-    return isinstance(task, SquadTask)
+    def load_data(self, tokenizer, with_augmented: bool) -> SquadTaskData:
+        return load_squad_task_data(self, tokenizer)
 
+    def load_teacher(self, path: str, dtype: str) -> tuple[PreTrainedModel, None]:
+        return load_qa_teacher(path, dtype), None
 
-def get_squad_task(spec: TaskSpec) -> SquadTask:
-    return SquadTask(spec.name, spec.squad.selection_metric)
+    def finetune_module(self, path: str) -> tuple[PreTrainedModel, SpanSupervisedModule]:
+        model = qa_model_for_finetuning(path)
+        return model, SpanSupervisedModule(model)
+
+    def loss_inputs(self, batch: dict, inputs: dict) -> tuple[dict, None]:
+        """No class labels; the start/end distributions are taken over ``span_mask``."""
+        return {**inputs, "span_mask": batch["span_mask"]}, None
+
+    def score(self, split: SquadDevSplit, predictions: torch.Tensor) -> dict[str, float]:
+        return split.score(predictions)
+
+    def teacher_eval_key(self) -> dict:
+        """Windows, post-processing and data all shape the teacher's SQuAD scores."""
+        return self.spec.model_dump(mode="json", include={"name", "data_dir", "squad"})
 
 
 def read_split(spec: TaskSpec, split: str) -> list[SquadExample]:
@@ -181,9 +185,9 @@ class SquadTaskData(TaskData):
         )
 
 
-def load_squad_task_data(spec: TaskSpec, tokenizer) -> SquadTaskData:
+def load_squad_task_data(task: SquadTask, tokenizer) -> SquadTaskData:
     """Train and dev windows of a SQuAD task (Stage 1 trains on the same windows as Stage 2)."""
-    task = get_squad_task(spec)
+    spec = task.spec
     settings = spec.squad
     window = {"max_length": spec.max_seq_length, "doc_stride": settings.doc_stride}
 

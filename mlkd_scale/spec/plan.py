@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mlkd_scale.spec import MAX_SPEC_BYTES, RunSpec, SpecError, find_deepspeed_config, structure_problems
+from mlkd_scale.errors import SpecError
+from mlkd_scale.spec.paths import find_deepspeed_config
+from mlkd_scale.spec.reading import MAX_SPEC_BYTES, structure_problems
+from mlkd_scale.spec.run import RunSpec
 
 #: Top-level DeepSpeed keys filled from the spec, with the spec field that owns each.
 OWNED_KEYS = {
