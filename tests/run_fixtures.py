@@ -150,8 +150,8 @@ def uninterrupted_ids(spec: Path, ranks: int = 2) -> list:
     """The document ids an uninterrupted ``ranks``-rank run of ``spec`` trains on, as
     :func:`sample_ids` reads them: every rank's stream drawn for the plan's steps, in this process."""
     from mlkd_scale.data.corpus.stream import PackedStream
-    from mlkd_scale.spec.plan import resolve_plan
     from mlkd_scale.spec import load_spec
+    from mlkd_scale.spec.plan import resolve_plan
 
     run = load_spec(spec)
     plan = resolve_plan(run, ranks)
@@ -181,8 +181,8 @@ def uninterrupted_per_shard(spec: Path, ranks: int = 2) -> dict[int, list]:
     """:func:`per_shard` of an uninterrupted ``ranks``-rank run of ``spec`` (one stream shard per rank,
     the default), drawn in this process as :func:`uninterrupted_ids` does."""
     from mlkd_scale.data.corpus.stream import PackedStream
-    from mlkd_scale.spec.plan import resolve_plan
     from mlkd_scale.spec import load_spec
+    from mlkd_scale.spec.plan import resolve_plan
 
     run = load_spec(spec)
     plan = resolve_plan(run, ranks)

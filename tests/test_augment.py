@@ -1,7 +1,6 @@
 """TinyBERT-style augmentation: candidates, replacement, determinism, the sharded resumable cache."""
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,9 @@ from mlkd_scale.data.augment.augmenter import (
     load_augmented,
 )
 from mlkd_scale.data.augment.cache import shard_path
-from mlkd_scale.data.augment.inputs import AugmentInputError, read_examples
+from mlkd_scale.data.augment.inputs import read_examples
+from mlkd_scale.engine.augment_run import parse_args
+from mlkd_scale.errors import AugmentInputError
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = "The embeddings of the Teacher were unbelievable, said 3 students."
@@ -314,17 +315,12 @@ def test_read_examples_from_tsv_and_jsonl(tmp_path):
         read_examples(jsonl, "text")
 
 
-def test_launcher_task_preset_sets_fields_and_tinybert_n(monkeypatch):
-    spec = importlib.util.spec_from_file_location("augment_launcher", REPO / "launchers" / "augment.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    base = ["augment.py", "--teacher_mlm", "m", "--input", "train.tsv", "--out", "o"]
-    monkeypatch.setattr(sys, "argv", [*base, "--task", "MNLI"])
-    args = launcher._parse()
+def test_launcher_task_preset_sets_fields_and_tinybert_n():
+    base = ["--teacher_mlm", "m", "--input", "train.tsv", "--out", "o"]
+    args = parse_args([*base, "--task", "MNLI"])
     assert (args.n, args.text_a_field, args.text_b_field, args.label_field) == (10, "sentence1", "sentence2",
                                                                                 "gold_label")
-    monkeypatch.setattr(sys, "argv", [*base, "--task", "cola", "--n", "3", "--label_field", "x"])
-    args = launcher._parse()
+    args = parse_args([*base, "--task", "cola", "--n", "3", "--label_field", "x"])
     assert (args.n, args.text_a_field, args.text_b_field, args.label_field) == (3, "sentence", None, "x")
     assert args.columns == ("source", "label", "label_notes", "sentence")
 

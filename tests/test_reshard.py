@@ -25,8 +25,8 @@ from test_data import assert_same, make_source, roundtrip, spec_for
 from mlkd_scale.data.corpus.sources import DataError
 from mlkd_scale.data.corpus.stream import PackedStream
 from mlkd_scale.data.corpus.stream_shards import ShardedStream, owned_shards, regroup
-from mlkd_scale.engine.checkpoints.files import describe
-from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager, atomic_write
+from mlkd_scale.engine.checkpoints.files import atomic_write, describe
+from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager
 from mlkd_scale.engine.checkpoints.reshard import (
     UNIVERSAL,
     Resume,

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlkd_scale.spec.plan import Plan, resolve_plan
 from mlkd_scale.spec import DS_CONFIG_DIR, RunSpec, SpecError, load_spec, spec_hash
+from mlkd_scale.spec.plan import Plan, resolve_plan
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mlkd_scale import cli
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, listing, load_spec, spec_hash
+from mlkd_scale.spec.plan import resolve_plan
 
 # FUZZ_EXAMPLES=5000 runs a deeper, randomized search; by default the examples are the same on
 # every run, so a CI failure reproduces locally.

@@ -10,8 +10,8 @@ from task_fixtures import GLUE
 from transformers import AutoTokenizer
 
 from mlkd_scale.data.augment.augmenter import augment_dataset
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, TaskSpec, load_spec
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.tasks.data import EpochSampler, steps_for
 from mlkd_scale.tasks.glue.table import get_task
 from mlkd_scale.tasks.glue.task import parse_label

@@ -14,8 +14,8 @@ from mlkd_scale.engine.task.context import evaluate_model_dir
 from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.engine.teacher_placement import place_teacher
 from mlkd_scale.models import load_teacher
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import SpecError, load_spec
+from mlkd_scale.spec.plan import resolve_plan
 
 #: Every parameter partitioned (DeepSpeed keeps parameters under 1e5 elements whole by default).
 PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}

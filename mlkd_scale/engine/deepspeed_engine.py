@@ -17,8 +17,8 @@ from torch import nn
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine
 from mlkd_scale.engine.faults import ensure_nonfinite_skipping, poison_nonfinite
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
-from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import TrainSpec
+from mlkd_scale.spec.plan import Plan
 
 #: ``forward(batch) -> (total loss, {term: detached value})`` for one micro batch.
 LossFn = Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -42,8 +42,8 @@ from mlkd_scale.models import (
     resolve_layer_mapping,
 )
 from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError, teacher_fit_problems
+from mlkd_scale.spec.plan import resolve_plan
 
 
 def build_models(

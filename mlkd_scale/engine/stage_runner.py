@@ -41,8 +41,8 @@ from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
-from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import RunSpec, spec_hash
+from mlkd_scale.spec.plan import Plan
 
 log = logging.getLogger("mlkd_scale")
 

@@ -29,8 +29,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import PreTrainedModel
 
-from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import SpecError, TeacherSpec
+from mlkd_scale.spec.plan import Plan
 
 #: ``zero_optimization`` keys of the run's DeepSpeed config that the teacher's engine inherits.
 INHERITED_ZERO_KEYS = (

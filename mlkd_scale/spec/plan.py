@@ -195,6 +195,36 @@ def _offload_problems(zero: dict[str, Any], stage: int, label: str) -> list[str]
     return problems
 
 
+def _resolve_precision(train, user: dict[str, Any], label: str, problems: list[str], fix: str) -> str:
+    """``train.precision``, or the DeepSpeed file's when the spec leaves it unset; a conflict is a problem."""
+    precision = train.precision
+    file_precision = _file_precision(user, label, problems)
+    if file_precision is not None:
+        if "precision" not in train.model_fields_set:
+            precision = file_precision
+        elif file_precision != precision:
+            problems.append(f"{label} asks for {file_precision} but train.precision is {precision}; {fix}")
+    return precision
+
+
+def _resolve_stage(train, zero: dict[str, Any], label: str, problems: list[str], fix: str) -> int:
+    """``train.zero_stage``, or the DeepSpeed file's when the spec leaves it unset; a conflict is a problem."""
+    stage = train.zero_stage
+    file_stage = zero.get("stage", "auto")
+    if isinstance(file_stage, float) and file_stage in (0, 1, 2, 3):
+        file_stage = int(file_stage)  # 2.0 is stage 2; DeepSpeed wants an int
+    if file_stage != "auto":
+        if isinstance(file_stage, bool) or file_stage not in (0, 1, 2, 3):
+            problems.append(f"{label} sets zero_optimization.stage={file_stage!r}; use 0, 1, 2 or 3")
+        elif "zero_stage" not in train.model_fields_set:
+            stage = file_stage
+        elif file_stage != stage:
+            problems.append(
+                f"{label} sets zero_optimization.stage={file_stage} but train.zero_stage is {stage}; {fix}"
+            )
+    return stage
+
+
 def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, int, list[str]]:
     """Fill the user's DeepSpeed config from the spec; returns (config, precision, zero stage, problems).
 
@@ -211,7 +241,6 @@ def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, 
             )
     if "bfloat16" in user:  # DeepSpeed's old name for the bf16 section
         user["bf16"] = {**user.pop("bfloat16"), **user.get("bf16", {})}
-    explicit = train.model_fields_set
     fix = "remove it from the DeepSpeed config or change the spec"
 
     for section, reason in FORBIDDEN_SECTIONS.items():
@@ -243,28 +272,9 @@ def _merge(spec: RunSpec, world_size: int | None) -> tuple[dict[str, Any], str, 
     else:
         user.pop("train_batch_size", None)
 
-    precision = train.precision
-    file_precision = _file_precision(user, label, problems)
-    if file_precision is not None:
-        if "precision" not in explicit:
-            precision = file_precision
-        elif file_precision != precision:
-            problems.append(f"{label} asks for {file_precision} but train.precision is {precision}; {fix}")
-
+    precision = _resolve_precision(train, user, label, problems, fix)
     zero = user.get("zero_optimization", {})
-    stage = train.zero_stage
-    file_stage = zero.get("stage", "auto")
-    if isinstance(file_stage, float) and file_stage in (0, 1, 2, 3):
-        file_stage = int(file_stage)  # 2.0 is stage 2; DeepSpeed wants an int
-    if file_stage != "auto":
-        if isinstance(file_stage, bool) or file_stage not in (0, 1, 2, 3):
-            problems.append(f"{label} sets zero_optimization.stage={file_stage!r}; use 0, 1, 2 or 3")
-        elif "zero_stage" not in explicit:
-            stage = file_stage
-        elif file_stage != stage:
-            problems.append(
-                f"{label} sets zero_optimization.stage={file_stage} but train.zero_stage is {stage}; {fix}"
-            )
+    stage = _resolve_stage(train, zero, label, problems, fix)
 
     problems += _offload_problems(zero, stage, label)
 

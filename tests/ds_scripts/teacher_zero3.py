@@ -21,8 +21,8 @@ from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, load_teacher
 from mlkd_scale.models.student import build_student_config
 from mlkd_scale.models.taps import TapRequest
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import StudentSpec, load_spec
+from mlkd_scale.spec.plan import resolve_plan
 
 #: A student as wide as the test teacher, so it can be initialised from teacher layers.
 WIDE_STUDENT = StudentSpec(num_layers=2, hidden_size=48, num_heads=3, intermediate_size=96, init="teacher_layers")

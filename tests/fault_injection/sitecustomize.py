@@ -100,6 +100,7 @@ def _install(faults: dict) -> None:
     from mlkd_scale.engine import faults as run_faults
     from mlkd_scale.engine import general_kd as trainer
     from mlkd_scale.engine import stage_runner
+    from mlkd_scale.engine.checkpoints import files as checkpoint_files
     from mlkd_scale.engine.checkpoints import manager as checkpoint
 
     if faults.get("fingerprints"):
@@ -174,7 +175,8 @@ def _install(faults: dict) -> None:
     stage_runner.StageRunner.train_step = faulty_train_step
     trainer.Trainer._loss = faulty_loss
     run_faults.RunGuard.check_step = faulty_check_step
-    checkpoint.atomic_write = faulty_atomic_write
+    checkpoint.atomic_write = faulty_atomic_write  # the manager's own writes (rank_state)
+    checkpoint_files.atomic_write = faulty_atomic_write  # COMPLETE and latest, through atomic_write_text
 
 
 if _FAULTS and "RANK" in os.environ:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ import torch
 from mlkd_scale.data.corpus.packing import Packer, make_encoder
 from mlkd_scale.data.corpus.sources import DataError, count_record, open_corpus, source_label
 from mlkd_scale.spec import DataSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 FORMAT = 1
 META = "meta.json"
@@ -89,6 +93,40 @@ def _documents(data: DataSpec, seed: int, counters: dict) -> Iterator[tuple[str,
             yield record["id"], text
 
 
+class _PackedFiles:
+    """The growing ``input_ids.bin`` and ``doc_ids.txt`` of a pretokenized corpus, and the offsets
+    that index them (which documents each sequence holds, where each document id starts)."""
+
+    def __init__(self, folder: Path, dtype):
+        self.folder, self.dtype = folder, dtype
+        self.sequences = 0
+        self.offsets, self.id_bytes = [0], [0]
+
+    def __enter__(self) -> Self:
+        self.ids_file = open(self.folder / "input_ids.bin", "wb")  # closed by __exit__
+        self.doc_file = open(self.folder / "doc_ids.txt", "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ids_file.close()
+        self.doc_file.close()
+
+    def write_ready(self, packer: Packer) -> None:
+        """Append every full sequence the packer holds (one write per call)."""
+        rows = []
+        while packer.ready():
+            sample = packer.pop()
+            rows.append(sample["input_ids"].numpy())
+            for doc_id in sample["doc_ids"]:
+                line = f"{doc_id}\n".encode()
+                self.doc_file.write(line)
+                self.id_bytes.append(self.id_bytes[-1] + len(line))
+            self.offsets.append(self.offsets[-1] + len(sample["doc_ids"]))
+        if rows:
+            np.stack(rows).astype(self.dtype).tofile(self.ids_file)
+            self.sequences += len(rows)
+
+
 def write_pretokenized(
     data: DataSpec, tokenizer_path: str, out_dir: str | Path, seed: int, workers: int
 ) -> dict:
@@ -115,34 +153,16 @@ def write_pretokenized(
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     start = time.perf_counter()
     try:
-        sequences, tokens = 0, 0
-        with (
-            open(tmp / "input_ids.bin", "wb") as ids_file,
-            open(tmp / "doc_ids.txt", "wb") as doc_file,
-        ):
-            offsets, id_bytes = [0], [0]
+        with _PackedFiles(tmp, dtype) as files:
             docs = _documents(data, seed, counters)
             chunks = iter(lambda: list(itertools.islice(docs, CHUNK_DOCS)), [])
             with _encoder_pool(tokenizer_path, workers) as encode_chunks:
                 for encoded in encode_chunks(chunks):
                     for doc_id, ids in encoded:
-                        if packer.add_ids(doc_id, ids):
-                            counters["documents_packed"] += 1
-                        else:
-                            counters["documents_skipped"] += 1
-                    rows = []
-                    while packer.ready():
-                        sample = packer.pop()
-                        rows.append(sample["input_ids"].numpy())
-                        for doc_id in sample["doc_ids"]:
-                            line = f"{doc_id}\n".encode()
-                            doc_file.write(line)
-                            id_bytes.append(id_bytes[-1] + len(line))
-                        offsets.append(offsets[-1] + len(sample["doc_ids"]))
-                    if rows:
-                        np.stack(rows).astype(dtype).tofile(ids_file)
-                        sequences += len(rows)
-                        tokens += len(rows) * data.max_seq_length
+                        packed = packer.add_ids(doc_id, ids)
+                        counters["documents_packed" if packed else "documents_skipped"] += 1
+                    files.write_ready(packer)
+        sequences, offsets, id_bytes = files.sequences, files.offsets, files.id_bytes
         if sequences == 0:
             raise DataError(
                 f"the data sources give no full sequence of {data.max_seq_length} tokens "

@@ -21,7 +21,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mlkd_scale.engine.checkpoints.safe_load import file_checksum
 from mlkd_scale.errors import CheckpointError
@@ -240,3 +242,27 @@ def claim_folder(folder: Path, owner: str, what: str, allow_foreign: bool = Fals
         return claim_folder(folder, owner, what, allow_foreign=True)
     finally:
         os.unlink(tmp)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` so that a reader sees either the old file or the whole new one, never a part.
+
+    The temp file lives in the same directory so ``os.replace`` is a rename on one file system.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")

@@ -38,9 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -50,6 +48,8 @@ from mlkd_scale.engine.checkpoints.files import (
     COMPLETE,
     DEEPSPEED_KEYS,
     TAG_RE,
+    atomic_write,
+    atomic_write_text,
     claim_folder,
     fsync_dir,
     is_complete,
@@ -68,32 +68,6 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 BEST = "best.json"  # {"tag", "step", ...}: the checkpoint pinned against keep_last pruning (task runs)
 HF_META = "hf_meta"
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` so that a reader sees either the old file or the whole new one, never a part.
-
-    The temp file lives in the same directory so ``os.replace`` is a rename on one file system.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
 # ----------------------------------------------------------------------------- the manager
 
 

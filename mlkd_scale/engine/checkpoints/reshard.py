@@ -62,8 +62,8 @@ from mlkd_scale.engine.checkpoints.manager import (
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.engine.distributed import from_rank0
-from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import RunSpec
+from mlkd_scale.spec.plan import Plan
 
 log = logging.getLogger(__name__)
 

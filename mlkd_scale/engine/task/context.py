@@ -10,16 +10,15 @@ from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
 from mlkd_scale.data.corpus.sources import DataError
-from mlkd_scale.engine.checkpoints.files import claim_folder, read_json_record
-from mlkd_scale.engine.checkpoints.manager import atomic_write_text
+from mlkd_scale.engine.checkpoints.files import atomic_write_text, claim_folder, read_json_record
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export.hf_export import export_checkpoint
 from mlkd_scale.engine.task.stage import TaskContext
 from mlkd_scale.eval.dev import PredictFn, evaluate, format_metrics
 from mlkd_scale.models import check_model_fit
 from mlkd_scale.models.taps import head_logits
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import RunSpec, SpecError
+from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.tasks.registry import open_task
 
 EVAL_RESULTS = "eval_results.json"

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mlkd_scale.engine.checkpoints.files import read_json_record
-from mlkd_scale.engine.checkpoints.manager import CheckpointManager, atomic_write_text, tag_for
+from mlkd_scale.engine.checkpoints.files import atomic_write_text, read_json_record, tag_for
+from mlkd_scale.engine.checkpoints.manager import CheckpointManager
 from mlkd_scale.engine.checkpoints.reshard import Resume
 from mlkd_scale.engine.checkpoints.safe_load import load_plain
 from mlkd_scale.engine.deepspeed_engine import LossFn, build_engine
@@ -39,8 +39,8 @@ from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.export.hf_export import consolidated_state_dict
 from mlkd_scale.engine.stage_runner import Evaluation, StageParts, StageRunner
 from mlkd_scale.eval.dev import PredictFn, evaluate, flat_metrics, format_metrics
-from mlkd_scale.spec.plan import Plan
 from mlkd_scale.spec import RunSpec, StageBudget
+from mlkd_scale.spec.plan import Plan
 from mlkd_scale.tasks.base import Task
 from mlkd_scale.tasks.data import EncodedSplit, EpochSampler, steps_for
 

@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mlkd_scale.engine.checkpoints.manager import atomic_write_text
+from mlkd_scale.engine.checkpoints.files import atomic_write_text
 from mlkd_scale.engine.task.teacher_cache_store import (
     STORAGE,
     FieldSpec,

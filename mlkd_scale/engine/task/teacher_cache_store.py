@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlkd_scale.engine.checkpoints.manager import atomic_write_text
+from mlkd_scale.engine.checkpoints.files import atomic_write_text
 
 META = "meta.json"
 PROGRESS = "progress.json"
