@@ -29,8 +29,8 @@ from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, build_student_config
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.teacher import DTYPES, freeze
-from mlkd_scale.spec.plan import resolve_plan
 from mlkd_scale.spec import LossesSpec, RunSpec, StudentSpec
+from mlkd_scale.spec.plan import resolve_plan
 
 #: Model shapes: teacher BertConfig fields and student StudentSpec fields (heads come from a flag).
 #: "bert-base" is the issue's BERT-base teacher → 4-layer/312/1200 student (TinyBERT-4's shape);

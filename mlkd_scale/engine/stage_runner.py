@@ -33,7 +33,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from mlkd_scale.engine.checkpoints.manager import CheckpointError, CheckpointManager
+from mlkd_scale.engine.checkpoints.manager import CheckpointManager
 from mlkd_scale.engine.checkpoints.reshard import Resume
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 from mlkd_scale.engine.deepspeed_engine import LossFn, Window, optimizer_scalars, optimizer_step
@@ -41,6 +41,8 @@ from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
 from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.errors import CheckpointError
+from mlkd_scale.eval.protocol import Evaluator
 from mlkd_scale.spec import RunSpec, spec_hash
 from mlkd_scale.spec.plan import Plan
 
@@ -59,34 +61,6 @@ class BatchSource(Protocol):
 
     def log_scalars(self) -> dict[str, float]:
         """Extra scalars at each logging step (collective: every rank calls it)."""
-
-
-@dataclass
-class Evaluation:
-    """One evaluation: ``scalars`` are logged, ``value`` selects the best checkpoint, ``record`` is
-    kept with the best (``{"step", "value", **record}``) and ``history`` in ``eval_history``."""
-
-    scalars: dict[str, float]
-    value: float
-    record: dict
-    history: object
-
-
-class Evaluator(Protocol):
-    """Dev metrics or held-out scores during a stage, and the best-checkpoint rule."""
-
-    #: True: every evaluation is checkpointed (task stages); False: only a new best is.
-    checkpoint_each: bool
-
-    def due(self, step: int, stop_at: int, total: int) -> bool: ...
-
-    def evaluate(self) -> Evaluation:
-        """Evaluate the model now (collective; the same result on every rank)."""
-
-    def is_better(self, value: float, best: dict | None) -> bool: ...
-
-    def report(self, evaluation: Evaluation, best: dict | None, step: int, run_step: int) -> tuple[dict, str]:
-        """The scalars to log for ``evaluation`` (with ``best`` known) and the line to print."""
 
 
 @dataclass

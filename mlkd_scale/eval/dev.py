@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
-from mlkd_scale.tasks.base import Task
-from mlkd_scale.tasks.data import EncodedSplit
+from mlkd_scale.tasks.base import EncodedSplit, Task
+
+if TYPE_CHECKING:
+    from mlkd_scale.engine.distributed import DistInfo  # rank, world_size, device, is_main
 
 #: ``predict(inputs) -> logits [B, C]`` (scores ``[B, 1]``; SQuAD ``[B, 2, L]``) for a batch of model inputs.
 PredictFn = Callable[[dict], torch.Tensor]

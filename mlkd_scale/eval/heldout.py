@@ -24,8 +24,8 @@ import torch
 
 from mlkd_scale.data.corpus.heldout import heldout_texts
 from mlkd_scale.data.corpus.sources import DataError
-from mlkd_scale.engine.stage_runner import Evaluation
 from mlkd_scale.eval.agreement import similarity_agreement
+from mlkd_scale.eval.protocol import Evaluation
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.spec import RunSpec
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features, FeatureTap
+
+if TYPE_CHECKING:
+    from mlkd_scale.losses import DistillationObjective
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -23,14 +23,14 @@ dev splits, scoring           ``score(split, predictions)``, ``teacher_eval_key(
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from transformers import PreTrainedModel
-
-    from mlkd_scale.tasks.data import EncodedSplit, TaskData
 
 
 class Task(Protocol):
@@ -68,3 +68,45 @@ class Task(Protocol):
 
     def teacher_eval_key(self) -> dict:
         """The task settings that shape the teacher's dev scores (its cached dev metrics' key)."""
+
+
+#: The tensors of an encoded split that the models take (labels separately).
+TENSOR_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclass
+class EncodedSplit:
+    """One split as ``[N, L]`` tensors (``labels`` ``[N]``) plus the example ids."""
+
+    tensors: dict[str, torch.Tensor]
+    example_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors["labels"]
+
+    def batch(self, indices: torch.Tensor | list[int], device: torch.device | str = "cpu") -> dict:
+        """The rows ``indices`` as a batch dict on ``device`` (model inputs and ``labels``)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[index].to(device, non_blocking=True) for k, v in self.tensors.items()}
+
+
+
+@dataclass
+class TaskData:
+    """The encoded splits of one task run: train (original), Stage-1 train, dev split(s)."""
+
+    task: Task
+    train: EncodedSplit
+    stage1_train: EncodedSplit  # the augmentation cache when task.augmented_dir is set, else train
+    dev: dict[str, EncodedSplit]  # dev split name -> split; the first one selects checkpoints
+
+    def describe(self) -> str:
+        dev = ", ".join(f"{name} {len(split):,}" for name, split in self.dev.items())
+        line = f"task {self.task.name}: train {len(self.train):,} examples, dev: {dev}"
+        if self.stage1_train is not self.train:
+            line += f"; Stage 1 trains on {len(self.stage1_train):,} augmented examples"
+        return line

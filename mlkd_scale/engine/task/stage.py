@@ -37,12 +37,13 @@ from mlkd_scale.engine.checkpoints.safe_load import load_plain
 from mlkd_scale.engine.deepspeed_engine import LossFn, build_engine
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.export.hf_export import consolidated_state_dict
-from mlkd_scale.engine.stage_runner import Evaluation, StageParts, StageRunner
+from mlkd_scale.engine.stage_runner import StageParts, StageRunner
 from mlkd_scale.eval.dev import PredictFn, evaluate, flat_metrics, format_metrics
+from mlkd_scale.eval.protocol import Evaluation
 from mlkd_scale.spec import RunSpec, StageBudget
 from mlkd_scale.spec.plan import Plan
-from mlkd_scale.tasks.base import Task
-from mlkd_scale.tasks.data import EncodedSplit, EpochSampler, steps_for
+from mlkd_scale.tasks.base import EncodedSplit, Task
+from mlkd_scale.tasks.sampler import EpochSampler, steps_for
 
 RESULT = "result.json"
 

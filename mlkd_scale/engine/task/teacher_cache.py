@@ -28,7 +28,7 @@ Another key is another directory; rank 0 deletes the stage's caches of other key
         rank00000/    one shard per rank (:mod:`~mlkd_scale.engine.task.teacher_cache_store`: written in
         rank00001/    place, committed every ~COMMIT_ROWS rows, COMPLETE written last)
 
-Sharding: :class:`~mlkd_scale.tasks.data.EpochSampler` gives each rank a *different* subset every
+Sharding: :class:`~mlkd_scale.tasks.sampler.EpochSampler` gives each rank a *different* subset every
 epoch (a fresh permutation split ``perm[rank::world]``), so over the epochs every rank needs every
 sample. Each rank therefore *computes* one fixed shard — samples ``i`` with ``i % world == rank``, at row
 ``i // world`` — so the work is split evenly and each sample is run once, and *reads* every shard,
@@ -86,7 +86,7 @@ from mlkd_scale.engine.task.teacher_cache_store import (
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
 from mlkd_scale.models.taps import Features, FeatureTap
 from mlkd_scale.spec import SpecError
-from mlkd_scale.tasks.data import EncodedSplit
+from mlkd_scale.tasks.base import EncodedSplit
 
 FORMAT = 1
 CACHE_DIR = "teacher_cache"

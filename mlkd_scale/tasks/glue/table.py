@@ -40,9 +40,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlkd_scale.tasks.glue.tsv import TsvLayout
-
 HUB_DATASET = "nyu-mll/glue"
+
+
+@dataclass(frozen=True)
+class TsvLayout:
+    """Where one file of the original distribution keeps its fields (0-based columns).
+
+    ``header`` is the file's header row, ``None`` when it has none (CoLA train/dev), in which case
+    ``ncols`` gives the column count. Only the names of the columns we read are checked, which
+    catches a wrong folder without rejecting a file over a column we ignore. ``label=-1`` means
+    the last column, as the legacy processors read STS-B and MNLI; ``exact=False`` accepts more
+    columns than the header has (STS-B, which the legacy processor reads the same lenient way:
+    sentences at 7 and 8, score last). ``guid=None``: the id is the data row number.
+    """
+
+    header: tuple[str, ...] | None
+    text_a: int
+    text_b: int | None = None
+    label: int | None = None
+    guid: int | None = None
+    ncols: int = 0
+    exact: bool = True
+
+    @property
+    def columns(self) -> int:
+        return len(self.header) if self.header is not None else self.ncols
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from mlkd_scale.errors import SpecError
 from mlkd_scale.models.classifier_head import SupervisedModule
 from mlkd_scale.models.teacher import DTYPES, freeze
 from mlkd_scale.spec import TaskSpec
-from mlkd_scale.tasks.data import TENSOR_KEYS, EncodedSplit, TaskData
+from mlkd_scale.tasks.base import TENSOR_KEYS, EncodedSplit, TaskData
 from mlkd_scale.tasks.glue.metrics import glue_metrics
 from mlkd_scale.tasks.glue.read import encode_glue, load_glue
 from mlkd_scale.tasks.glue.table import GlueTask, get_task, teacher_label_order

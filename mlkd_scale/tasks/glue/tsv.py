@@ -1,7 +1,7 @@
-"""The TSV files of the original GLUE distribution: where each file keeps its fields, and the reader.
+"""The reader of the TSV files of the original GLUE distribution.
 
-:mod:`mlkd_scale.tasks.glue.table` holds the task table and says which layout each split's file has;
-this module reads one such file into :class:`GlueExample` rows. Everything wrong with a file is one
+:mod:`mlkd_scale.tasks.glue.table` holds the task table and says which layout (:class:`TsvLayout`)
+each split's file has; this module reads one such file into :class:`GlueExample` rows. Everything wrong with a file is one
 :class:`~mlkd_scale.errors.DataError` line naming the file (and the line, or the byte offset) and the
 fix: a malformed row (except for QQP, whose known broken rows are skipped and counted), a wrong
 header, bytes that are not UTF-8, and a file with no data rows at all (a header alone, or nothing),
@@ -14,38 +14,10 @@ import csv
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mlkd_scale.errors import DataError
+from mlkd_scale.tasks.glue.table import GlueTask, TsvLayout
 from mlkd_scale.tasks.utf8 import not_utf8
-
-if TYPE_CHECKING:
-    from mlkd_scale.tasks.glue.table import GlueTask
-
-
-@dataclass(frozen=True)
-class TsvLayout:
-    """Where one file of the original distribution keeps its fields (0-based columns).
-
-    ``header`` is the file's header row, ``None`` when it has none (CoLA train/dev), in which case
-    ``ncols`` gives the column count. Only the names of the columns we read are checked, which
-    catches a wrong folder without rejecting a file over a column we ignore. ``label=-1`` means
-    the last column, as the legacy processors read STS-B and MNLI; ``exact=False`` accepts more
-    columns than the header has (STS-B, which the legacy processor reads the same lenient way:
-    sentences at 7 and 8, score last). ``guid=None``: the id is the data row number.
-    """
-
-    header: tuple[str, ...] | None
-    text_a: int
-    text_b: int | None = None
-    label: int | None = None
-    guid: int | None = None
-    ncols: int = 0
-    exact: bool = True
-
-    @property
-    def columns(self) -> int:
-        return len(self.header) if self.header is not None else self.ncols
 
 
 @dataclass(frozen=True)

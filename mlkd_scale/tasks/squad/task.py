@@ -1,7 +1,7 @@
 """SQuAD v1.1 / v2.0 as a task of teacher fine-tuning and task distillation.
 
 This module joins the SQuAD pipeline (:mod:`mlkd_scale.tasks.squad.pipeline`) to the task machinery that
-GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task.stage`):
+GLUE uses (:mod:`mlkd_scale.tasks.base`, :mod:`mlkd_scale.engine.task.stage`):
 
 * :func:`~mlkd_scale.tasks.squad.names.squad_task_name` reads any spelling of the task name
   ('squad', 'SQuAD1.1', 'squad-v2', 'squad2.0', ...) as ``squad_v1`` or ``squad_v2``;
@@ -9,7 +9,7 @@ GLUE uses (:mod:`mlkd_scale.tasks.data`, :mod:`mlkd_scale.engine.task.stage`):
   fine-tuning module, what the losses read, scoring);
 * :func:`load_squad_task_data` reads the examples (official JSON files or the hub), cuts long
   questions to ``task.squad.max_query_length`` tokens, builds doc-stride windows for train and dev
-  and returns them as the same :class:`~mlkd_scale.tasks.data.TaskData` GLUE runs get. Train
+  and returns them as the same :class:`~mlkd_scale.tasks.base.TaskData` GLUE runs get. Train
   windows carry ``start_positions``/``end_positions`` ([CLS] for no answer) and ``span_mask``;
 * :class:`SquadDevSplit` scores the start/end logits of its windows: post-processing (n-best,
   maximum answer length, v2.0 null threshold) and the official EM/F1.
@@ -30,7 +30,7 @@ from transformers import AutoModelForQuestionAnswering, PreTrainedModel
 
 from mlkd_scale.models.qa_head import SpanSupervisedModule, load_qa_teacher, qa_model_for_finetuning
 from mlkd_scale.spec import SquadSpec, TaskSpec
-from mlkd_scale.tasks.data import EncodedSplit, TaskData
+from mlkd_scale.tasks.base import EncodedSplit, TaskData
 from mlkd_scale.tasks.squad.names import FILES, HUB, squad_task_name
 from mlkd_scale.tasks.squad.pipeline import (
     CLS_INDEX,
