@@ -6,9 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from mlkd_scale.data.corpus.sources import DataError
-from mlkd_scale.engine.checkpoints.manager import CheckpointError
 from mlkd_scale.engine.faults import RunStopped
+from mlkd_scale.errors import CheckpointError, DataError
 from mlkd_scale.spec import RunSpec, SpecError, load_spec
 
 

@@ -34,7 +34,6 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from mlkd_scale.engine.checkpoints.manager import CheckpointManager
-from mlkd_scale.engine.checkpoints.reshard import Resume
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state, restore_rng_state
 from mlkd_scale.engine.deepspeed_engine import LossFn, Window, optimizer_scalars, optimizer_step
 from mlkd_scale.engine.distributed import DistInfo
@@ -63,6 +62,27 @@ class BatchSource(Protocol):
         """Extra scalars at each logging step (collective: every rank calls it)."""
 
 
+class ResumeSource(Protocol):
+    """The checkpoint a stage continues from (``tag_dir`` None: a fresh start) and how to load it."""
+
+    tag_dir: Path | None
+
+    def load(self, engine) -> tuple[dict, dict]:
+        """Restore ``engine``; return ``(client_state, rank_state)`` for this rank (collective)."""
+
+
+@dataclass
+class SameWorldResume:
+    """Resume from ``tag_dir`` at the world size it was saved with (task stages); general
+    distillation's :class:`~mlkd_scale.engine.checkpoints.reshard.Resume` also reshapes."""
+
+    checkpoints: CheckpointManager
+    tag_dir: Path | None
+
+    def load(self, engine) -> tuple[dict, dict]:
+        return self.checkpoints.load(engine, self.tag_dir)
+
+
 @dataclass
 class StageParts:
     """What a caller builds for one stage; :class:`StageRunner` runs it.
@@ -79,7 +99,7 @@ class StageParts:
     loss_fn: LossFn
     batches: BatchSource
     checkpoints: CheckpointManager
-    resume: Resume
+    resume: ResumeSource
     plan: Plan
     counted: dict[str, int]
     evaluator: Evaluator | None = None

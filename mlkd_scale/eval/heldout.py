@@ -23,7 +23,7 @@ import math
 import torch
 
 from mlkd_scale.data.corpus.heldout import heldout_texts
-from mlkd_scale.data.corpus.sources import DataError
+from mlkd_scale.errors import DataError
 from mlkd_scale.eval.agreement import similarity_agreement
 from mlkd_scale.eval.protocol import Evaluation
 from mlkd_scale.models.distillation_module import MODEL_INPUTS

@@ -44,7 +44,6 @@ import torch
 from deepspeed.runtime.utils import set_random_seed
 
 from mlkd_scale.data.corpus.pretokenized import PretokenizedStream
-from mlkd_scale.data.corpus.sources import DataError
 from mlkd_scale.data.corpus.stream_shards import (
     ShardedStream,
     check_world_size,
@@ -62,6 +61,7 @@ from mlkd_scale.engine.checkpoints.manager import (
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
 from mlkd_scale.engine.checkpoints.safe_load import install_checkpoint_engine, load_plain, plain_data_only
 from mlkd_scale.engine.distributed import from_rank0
+from mlkd_scale.errors import DataError
 from mlkd_scale.spec import RunSpec
 from mlkd_scale.spec.plan import Plan
 

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoTokenizer
 from transformers import logging as hf_logging
 
-from mlkd_scale.data.corpus.sources import DataError
 from mlkd_scale.engine.checkpoints.files import atomic_write_text, claim_folder, read_json_record
 from mlkd_scale.engine.distributed import DistInfo, init_distributed
 from mlkd_scale.engine.export.hf_export import export_checkpoint
 from mlkd_scale.engine.task.stage import TaskContext
+from mlkd_scale.errors import DataError
 from mlkd_scale.eval.dev import PredictFn, evaluate, format_metrics
 from mlkd_scale.models import check_model_fit
 from mlkd_scale.models.taps import head_logits

@@ -34,7 +34,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-from mlkd_scale.engine.checkpoints.manager import HF_META, CheckpointError
+from mlkd_scale.engine.checkpoints.manager import HF_META
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.task.context import (
     cached_dev_metrics,
@@ -52,6 +52,7 @@ from mlkd_scale.engine.task.stage import (
 )
 from mlkd_scale.engine.task.teacher_cache import TeacherCache, open_teacher_cache, teacher_fingerprint
 from mlkd_scale.engine.teacher_placement import place_teacher
+from mlkd_scale.errors import CheckpointError
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, resolve_init_layers, resolve_layer_mapping
 from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule, compile_for_speed

@@ -32,12 +32,11 @@ from transformers import PreTrainedModel
 
 from mlkd_scale.engine.checkpoints.files import atomic_write_text, read_json_record, tag_for
 from mlkd_scale.engine.checkpoints.manager import CheckpointManager
-from mlkd_scale.engine.checkpoints.reshard import Resume
 from mlkd_scale.engine.checkpoints.safe_load import load_plain
 from mlkd_scale.engine.deepspeed_engine import LossFn, build_engine
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.export.hf_export import consolidated_state_dict
-from mlkd_scale.engine.stage_runner import StageParts, StageRunner
+from mlkd_scale.engine.stage_runner import SameWorldResume, StageParts, StageRunner
 from mlkd_scale.eval.dev import PredictFn, evaluate, flat_metrics, format_metrics
 from mlkd_scale.eval.protocol import Evaluation
 from mlkd_scale.spec import RunSpec, StageBudget
@@ -204,7 +203,7 @@ class TaskStage:
         parts = StageParts(
             name=self.name, engine=self.engine, scheduler=scheduler, loss_fn=setup.make_loss(self.engine),
             batches=SampledBatches(setup.train, sampler, info.device), checkpoints=checkpoints,
-            resume=Resume(checkpoints, spec.run.seed, None, tag_dir, saved_world_size=info.world_size),
+            resume=SameWorldResume(checkpoints, tag_dir),
             plan=self.plan, counted={"samples_seen": self.plan.global_batch_size},
             evaluator=DevEvaluator(ctx, setup.make_predict(self.engine), self.name, self.plan.total_steps),
             step_offset=setup.step_offset, tag_prefix=f"{self.name}/", epoch_examples=len(setup.train),
