@@ -28,6 +28,7 @@ official EM/F1 after post-processing, checkpoints are selected on F1 (or EM).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -145,74 +146,93 @@ def stage_loss(task: Task, tap: FeatureTap, cache: TeacherCache | None, order: l
     return make_loss
 
 
+@dataclass
+class TaskTeacher:
+    """The run's frozen task teacher and what every stage reads of it."""
+
+    model: PreTrainedModel
+    order: list[int] | None  # logits -> our label order (None: already)
+    layer_map: list[int]  # student layer -> teacher layer
+    fingerprint: str | None  # the teacher cache's key (None without a cache)
+
+
+def stage_module(ctx: TaskContext, teacher: TaskTeacher, number: int, student: PreTrainedModel) -> DistillationModule:
+    """The module a distillation stage trains: ``student`` with the stage's objective (and projections)."""
+    spec, task = ctx.spec, ctx.task
+    objective = DistillationObjective(
+        spec.losses, teacher.model.config, student.config, stage=number, regression=task.is_regression,
+        qa=task.span_logits,
+    )
+    module = DistillationModule(student, objective)
+    compile_for_speed(spec.train.compile, teacher.model, module, spec.teacher.placement)
+    return module
+
+
+def distil_stage(ctx: TaskContext, teacher: TaskTeacher, number: int, train, offset: int, stage1: dict | None) -> dict:
+    """Run (or resume) Stage ``number`` from run step ``offset``: ``{"step", "finished", "result"}``.
+
+    Stage 2 starts from Stage 1's final weights when Stage 1 ran (``stage1``, its result)."""
+    spec, name = ctx.spec, f"stage{number}"
+    deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # each stage starts from the same RNG state
+    try:
+        if number == 2 and stage1 is not None:
+            module = stage2_module_from_stage1(
+                teacher.model, lambda student: stage_module(ctx, teacher, number, student), stage1
+            )
+        else:
+            student = build_task_student(teacher.model, ctx, teacher.layer_map, teacher.order)
+            module = stage_module(ctx, teacher, number, student)
+    except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
+        raise SpecError(str(error)) from None
+    tap = FeatureTap(teacher.model, module.objective.teacher_request())
+    cache = open_teacher_cache(ctx, name, tap, train, teacher.fingerprint) if spec.teacher.cache else None
+    if not spec.teacher.cache:
+        ctx.print(f"{name}: live teacher (teacher.cache is false)")
+    setup = StageSetup(
+        name=name,
+        module=module,
+        make_loss=stage_loss(ctx.task, tap, cache, teacher.order),
+        make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
+        train=train,
+        budget=spec.task.stage1 if number == 1 else spec.task.stage2,
+        stream=number,
+        step_offset=offset,
+    )
+    stage = TaskStage(ctx, setup, module.student)
+    outcome = stage.run()
+    stage.close()
+    tap.remove()
+    return outcome
+
+
 def run_task_kd(spec: RunSpec, stop_after_steps: int | None = None, dist: DistInfo | None = None) -> dict:
     """Run (or resume) every stage of ``spec.task.stages``, then export the best student."""
     ctx, data = make_context(spec, stop_after_steps, dist, with_augmented=True)
     task, device = ctx.task, ctx.dist.device
-    teacher, order = task.load_teacher(spec.teacher.path, spec.teacher.dtype)
-    teacher_id = teacher_fingerprint(teacher, device) if spec.teacher.cache else None  # before placement
-    placed_teacher = place_teacher(teacher, spec.teacher, ctx.plan, device)
+    model, order = task.load_teacher(spec.teacher.path, spec.teacher.dtype)
+    fingerprint = teacher_fingerprint(model, device) if spec.teacher.cache else None  # before placement
+    placed_teacher = place_teacher(model, spec.teacher, ctx.plan, device)
     ctx.print(placed_teacher.describe())
-
-    teacher_dev = teacher_dev_metrics(ctx, teacher, order)
-    layer_map = resolve_layer_mapping(
-        spec.losses.layer_mapping, spec.student.num_layers, teacher.config.num_hidden_layers
-    )
+    teacher_dev = teacher_dev_metrics(ctx, model, order)
+    layer_map = resolve_layer_mapping(spec.losses.layer_mapping, spec.student.num_layers, model.config.num_hidden_layers)
+    teacher = TaskTeacher(model, order, layer_map, fingerprint)
 
     offset, result, results = 0, None, {}
     for number in spec.task.stages:
         name = f"stage{number}"
-        budget = spec.task.stage1 if number == 1 else spec.task.stage2
-        train = data.stage1_train if number == 1 or spec.task.augment_stage2 else data.train
         done = ctx.read_result(name)
         if done is not None:
             ctx.print(f"{name} already finished ({ctx.stage_dir(name) / 'result.json'}); skipping it")
-            offset, result = offset + done["steps"], done
-            results[name] = done
-            continue
-        if stop_after_steps is not None and stop_after_steps <= offset:
+        elif stop_after_steps is not None and stop_after_steps <= offset:
             return print_stopped(ctx, offset)
-        deepspeed.runtime.utils.set_random_seed(spec.run.seed)  # each stage starts from the same RNG state
-
-        def make_module(student: PreTrainedModel, number: int = number) -> DistillationModule:
-            objective = DistillationObjective(
-                spec.losses, teacher.config, student.config, stage=number, regression=task.is_regression,
-                qa=task.span_logits,
-            )
-            module = DistillationModule(student, objective)
-            compile_for_speed(spec.train.compile, teacher, module, spec.teacher.placement)
-            return module
-
-        try:
-            if number == 2 and "stage1" in results:
-                module = stage2_module_from_stage1(teacher, make_module, results["stage1"])
-            else:
-                module = make_module(build_task_student(teacher, ctx, layer_map, order))
-        except ValueError as error:  # student sizes vs teacher, loss settings vs widths: the user's to fix
-            raise SpecError(str(error)) from None
-        tap = FeatureTap(teacher, module.objective.teacher_request())
-        cache = open_teacher_cache(ctx, name, tap, train, teacher_id) if spec.teacher.cache else None
-        if not spec.teacher.cache:
-            ctx.print(f"{name}: live teacher (teacher.cache is false)")
-        setup = StageSetup(
-            name=name,
-            module=module,
-            make_loss=stage_loss(task, tap, cache, order),
-            make_predict=lambda engine: (lambda inputs: head_logits(engine.module.student(**inputs))),
-            train=train,
-            budget=budget,
-            stream=number,
-            step_offset=offset,
-        )
-        stage = TaskStage(ctx, setup, module.student)
-        outcome = stage.run()
-        stage.close()
-        tap.remove()
-        if not outcome["finished"]:
-            return print_stopped(ctx, offset + outcome["step"])
-        offset, result = offset + outcome["result"]["steps"], outcome["result"]
-        results[name] = result
-
+        else:
+            train = data.stage1_train if number == 1 or spec.task.augment_stage2 else data.train
+            outcome = distil_stage(ctx, teacher, number, train, offset, results.get("stage1"))
+            if not outcome["finished"]:
+                return print_stopped(ctx, offset + outcome["step"])
+            done = outcome["result"]
+        offset, result = offset + done["steps"], done
+        results[name] = done
     return finish_run(ctx, offset, result, results, teacher_dev)
 
 
