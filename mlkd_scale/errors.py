@@ -21,4 +21,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, untrusted or does not fit this run; the message says what to do."""
 
 
-__all__ = ["CheckpointError", "DataError", "SpecError"]
+class ExportError(RuntimeError):
+    """A model cannot be exported or its exported form does not match it; the message says what to do."""
+
+
+__all__ = ["CheckpointError", "DataError", "ExportError", "SpecError"]
