@@ -149,7 +149,7 @@ def write_plot(result, path: Path) -> None:
     compared = _compared(result)
     n_rows = 2 if compared else 1
     fig, axes = plt.subplots(
-        n_rows, len(seqs), figsize=(5.6 * len(seqs), 4.0 * n_rows), squeeze=False, sharex="col"
+        n_rows, len(seqs), figsize=(5.6 * len(seqs) + 2.6, 3.8 * n_rows), squeeze=False, sharex="col"
     )
     reduction_lines = [(h, r) for r in result.runtimes for h in others(result)]
     for col, seq in enumerate(seqs):
@@ -159,7 +159,7 @@ def write_plot(result, path: Path) -> None:
             _panel(axes[1][col], result, seq, speedup, "speed-up over PyTorch (×)",
                    [(h, r) for r in compared for h in result.heads])
     for row in axes:
-        row[-1].legend(fontsize="x-small", ncol=2)
+        row[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     s = result.settings
     fig.suptitle(f"{result.source}: {s.device} {s.dtype} {s.attn}", fontsize="small")
     fig.tight_layout()
