@@ -77,6 +77,10 @@ def test_bad_inputs_give_one_clear_error(tmp_path, monkeypatch):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ExportError, match="cannot be loaded as a model .*check its config.json"):
         ox.export_onnx(broken)
+    tiny_bert().config.save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{cut short")
+    with pytest.raises(ExportError, match="cannot be loaded as a model .*SafetensorError.*weight files"):
+        ox.export_onnx(broken)
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 this is not a protobuf graph")
     with pytest.raises(ExportError, match="cannot be loaded by onnxruntime .*export the model again"):
         ox.open_session(tmp_path / "model.onnx")

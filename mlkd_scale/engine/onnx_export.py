@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from mlkd_scale.errors import ExportError
 
@@ -88,7 +89,7 @@ def load_hf_model(hf_dir: str | Path) -> torch.nn.Module:
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             cls = transformers.AutoModel
         model = cls.from_pretrained(hf_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         raise ExportError(
             f"{hf_dir} cannot be loaded as a model ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else 'no message'}); "
