@@ -13,8 +13,8 @@ parameter counts and identical weights, give finite outputs, and give pairwise *
 (compared in fp32, where rounding cannot hide the difference); each ONNX graph must match its
 PyTorch model within the export's tolerance, closer than any two head counts are to each other.
 
-    .venv/bin/python benchmarks/inference_heads.py                    # 4L-312-1200 student, CPU, ~6 min
-    .venv/bin/python benchmarks/inference_heads.py --quick            # about two minutes
+    .venv/bin/python benchmarks/inference_heads.py                    # 4L-312-1200 student, CPU (*)
+    .venv/bin/python benchmarks/inference_heads.py --quick            # 3 head counts, 25 s budget
     .venv/bin/python benchmarks/inference_heads.py --model outputs/export/student --heads 12 3
     .venv/bin/python benchmarks/inference_heads.py --runtimes torch --device cuda --dtype bf16 --attn eager
 
@@ -29,7 +29,8 @@ cell are chosen from a time budget (``--budget-s`` spread evenly over the cells,
 ``--rounds``, at most ``--max-rounds``); a call shorter than ``--min-measure-ms`` is repeated
 inside one measurement (the same count for every model of the cell). onnxruntime runs the fp32
 graph on the CPU with as many intra-op threads as torch (``--threads``); the ONNX exports (about
-10 s per head count on 2 cores) are not part of the budget.
+10 s per head count on 2 idle cores) are not part of the budget. (*) The full run took 432 s with
+``--threads 1`` on a 2-core VM at load average 8-11, 162 s of it the six exports.
 """
 
 from __future__ import annotations
