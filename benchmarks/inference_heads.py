@@ -1,312 +1,104 @@
-"""Head-count study (paper §4, §7.1): student inference time for several attention-head counts.
+"""Head-count study (paper §4, §7.1): student inference time for several attention-head counts, in
+PyTorch and, deployed, in onnxruntime.
 
-Changing ``num_attention_heads`` changes no weight shape in BERT (Q, K, V and W^O are d×d whatever
-the split), so one state dict is loaded into one model per head count: the models share every
-weight and differ only in how the attention is split. For each (batch, seq) cell they are timed
-side by side in one run: warm-up, then interleaved rounds (round-robin over the head counts, the
-starting model rotating each round), median per model, so machine noise hits all of them alike.
+The same weights are loaded into one model per head count (``heads_models.py``: changing
+``num_attention_heads`` changes no weight shape in BERT), and each is also exported to ONNX and run
+by onnxruntime (``latency_runtimes.py``: the graph ``mlkd-scale export --onnx`` writes). For each
+(batch, seq) cell all of them are timed side by side in one run: warm-up, then interleaved rounds
+(round-robin over runtimes and head counts, the starting model rotating each round), median per
+model, so machine noise hits all of them alike (``heads_timing.py``).
 
 Before timing, the script checks numerically that the head split matters: the models have identical
 parameter counts and identical weights, give finite outputs, and give pairwise *different* outputs
-(compared in fp32, where rounding cannot hide the difference).
+(compared in fp32, where rounding cannot hide the difference); each ONNX graph must match its
+PyTorch model within the export's tolerance, closer than any two head counts are to each other.
 
-    .venv/bin/python benchmarks/inference_heads.py                    # 4L-312-1200 student, CPU, ~5 min
-    .venv/bin/python benchmarks/inference_heads.py --quick            # about one minute
+    .venv/bin/python benchmarks/inference_heads.py                    # 4L-312-1200 student, CPU (*)
+    .venv/bin/python benchmarks/inference_heads.py --quick            # 3 head counts, 25 s budget
     .venv/bin/python benchmarks/inference_heads.py --model outputs/export/student --heads 12 3
-    .venv/bin/python benchmarks/inference_heads.py --device cuda --dtype bf16 --attn eager
+    .venv/bin/python benchmarks/inference_heads.py --runtimes torch --device cuda --dtype bf16 --attn eager
 
-Outputs in ``--out`` (default ``outputs/inference_heads/``): ``inference_heads.md`` (device facts,
-settings and the table), ``inference_heads.csv`` and ``inference_heads.png`` (time reduction vs
-batch size, one line per head count, one panel per sequence length). The reduction of ``h`` heads
-is ``(t_base − t_h) / t_base`` in %, ``t_base`` being the 12-head time (``--baseline``); positive
-means faster than the baseline.
+Outputs in ``--out`` (default ``outputs/inference_heads/``, ``heads_report.py``): ``inference_heads.md``
+(device facts, settings and the tables), ``inference_heads.csv`` and ``inference_heads.png`` (time
+reduction vs batch size, one line per head count and runtime, one panel per sequence length; below,
+onnxruntime's speed-up over PyTorch). The reduction of ``h`` heads is ``(t_base − t_h) / t_base``
+in %, ``t_base`` being the 12-head time (``--baseline``) on the same runtime; positive means faster.
 
 Without ``--model`` the weights are random (seeded): only shapes matter for time. The rounds of a
 cell are chosen from a time budget (``--budget-s`` spread evenly over the cells, at least
 ``--rounds``, at most ``--max-rounds``); a call shorter than ``--min-measure-ms`` is repeated
-inside one measurement (the same count for every model of the cell).
+inside one measurement (the same count for every model of the cell). onnxruntime runs the fp32
+graph on the CPU with as many intra-op threads as torch (``--threads``); the ONNX exports (about
+10 s per head count on 2 idle cores) are not part of the budget. (*) The full run took 432 s with
+``--threads 1`` on a 2-core VM at load average 8-11, 162 s of it the six exports.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
-import transformers
-from transformers import AutoConfig, BertConfig, BertModel, PretrainedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from heads_models import (
+    BertModel,
+    Sanity,
+    Student,
+    build_variant,
+    forward,
+    load_student,
+    make_inputs,
+    param_count,
+    random_student,
+    sanity_check,
+    student_config,
+    usable_heads,
+)
+from heads_report import (
+    FILE_STEM,
+    markdown_report,
+    markdown_table,
+    speedup_table,
+    write_csv,
+    write_outputs,
+    write_plot,
+)
+from heads_timing import Cell, Key, Timer, device_facts, make_wall_timer, reduction_pct, time_cell
+from latency_runtimes import RUNTIMES, OnnxVariants, export_variants, onnx_call
+
+__all__ = [
+    "FILE_STEM", "BertModel", "Cell", "Sanity", "Student", "Timer", "build_variant", "device_facts",
+    "forward", "load_student", "make_inputs", "make_wall_timer", "markdown_report", "markdown_table",
+    "param_count", "random_student", "reduction_pct", "sanity_check", "speedup_table", "student_config",
+    "time_cell", "usable_heads", "write_csv", "write_outputs", "write_plot",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_HEADS = (12, 6, 4, 3, 2, 1)
-DEFAULT_BATCHES = (1, 8, 32, 64)
-DEFAULT_SEQS = (64, 128)
-QUICK = {"heads": (12, 6, 3), "batches": (1, 8, 32), "seqs": (64, 128), "rounds": 3, "budget_s": 25.0}
+DEFAULT_BATCHES = (1, 8, 64)
+DEFAULT_SEQS = (128,)
+QUICK = {"heads": (12, 6, 3), "batches": (1, 8), "seqs": (128,), "rounds": 3, "budget_s": 25.0}
 FULL = {
     "heads": DEFAULT_HEADS, "batches": DEFAULT_BATCHES, "seqs": DEFAULT_SEQS, "rounds": 3, "budget_s": 150.0
 }
-FILE_STEM = "inference_heads"
-
-
-# ---------------------------------------------------------------------------------------------
-# the student and its head-count variants
-
-
-def student_config(
-    layers: int = 4,
-    hidden: int = 312,
-    ffn: int = 1200,
-    heads: int = 12,
-    vocab: int = 30522,
-    max_positions: int = 512,
-) -> BertConfig:
-    """A BERT config of the student's shape (default: MLKD-BERT4 / TinyBERT4, 4L-312-1200)."""
-    return BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        max_position_embeddings=max_positions,
-    )
-
-
-@dataclass
-class Student:
-    """What every head-count variant is built from: a class, a config and one set of weights."""
-
-    model_class: type
-    config: PretrainedConfig
-    state_dict: dict[str, torch.Tensor]
-    source: str
-
-
-def random_student(config: PretrainedConfig, seed: int = 0) -> Student:
-    torch.manual_seed(seed)
-    model = BertModel(config)
-    shape = (
-        f"random BertModel {config.num_hidden_layers}L-{config.hidden_size}-{config.intermediate_size} "
-        f"(seed {seed})"
-    )
-    return Student(BertModel, config, model.state_dict(), shape)
-
-
-def load_student(path: str) -> Student:
-    """An exported student directory: its own class (from ``architectures``) and weights, in fp32."""
-    config = AutoConfig.from_pretrained(path)
-    arch = (config.architectures or [None])[0]
-    model_class = getattr(transformers, arch, None) if arch else None
-    if model_class is None:
-        model_class = transformers.AutoModel._model_mapping[type(config)]
-    model = model_class.from_pretrained(path, dtype=torch.float32)
-    return Student(model_class, model.config, model.state_dict(), f"{path} ({model_class.__name__})")
-
-
-def usable_heads(heads: list[int], hidden: int) -> tuple[list[int], list[int]]:
-    """The head counts that divide the width (kept in the given order) and the ones dropped."""
-    keep = [h for h in dict.fromkeys(heads) if h > 0 and hidden % h == 0]
-    return keep, [h for h in heads if h not in keep]
-
-
-def build_variant(
-    student: Student, heads: int, attn: str, device: str, dtype: torch.dtype
-) -> torch.nn.Module:
-    """The student with ``heads`` attention heads and exactly the shared weights (strict load)."""
-    config = copy.deepcopy(student.config)
-    config.num_attention_heads = heads
-    model = student.model_class(config)
-    model.load_state_dict(student.state_dict, strict=True)
-    model.set_attn_implementation(attn)
-    if model.config._attn_implementation != attn:
-        raise RuntimeError(f"asked for {attn} attention, the model uses {model.config._attn_implementation}")
-    model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def make_inputs(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    low = min(1000, vocab // 2)
-    ids = torch.randint(low, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-
-
-def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**inputs)[0]
-
-
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# sanity: the head split matters, nothing else does
-
-
-@dataclass
-class Sanity:
-    param_counts: dict[int, int]
-    min_pair_diff: float  # smallest max-abs difference between two head counts' fp32 outputs
-    min_pair: tuple[int, int] | None
-    tolerance: float  # 20x the fp32 noise floor (sdpa vs eager, same heads), at least 1e-6 relative
-    noise: float
-
-
-def sanity_check(
-    student: Student, models: dict[int, torch.nn.Module], attn: str, device: str, dtype: torch.dtype
-) -> Sanity:
-    """Raise unless the variants share their parameters, give finite outputs in ``dtype`` and
-    pairwise different outputs in fp32 (built afresh when timing in another dtype)."""
-    heads = list(models)
-    counts = {h: param_count(m) for h, m in models.items()}
-    if len(set(counts.values())) != 1:
-        raise RuntimeError(f"head counts change the parameter count: {counts}")
-    reference = models[heads[0]].state_dict()
-    for h in heads[1:]:
-        for name, tensor in models[h].state_dict().items():
-            if not torch.equal(tensor, reference[name]):
-                raise RuntimeError(f"the {h}-head model's {name} differs from the {heads[0]}-head model's")
-
-    inputs = make_inputs(2, 16, student.config.vocab_size, device, seed=1)
-    for h, model in models.items():
-        out = forward(model, inputs)
-        if not torch.isfinite(out).all():
-            raise RuntimeError(f"the {h}-head model gives non-finite outputs in {dtype}")
-
-    if dtype == torch.float32:
-        fp32 = models
-    else:
-        fp32 = {h: build_variant(student, h, attn, device, torch.float32) for h in heads}
-    outs = {h: forward(m, inputs).float() for h, m in fp32.items()}
-    # Noise floor: the same head count through the other attention kernel (same maths, other
-    # summation order). A real change of head split must stand well clear of it.
-    other = "eager" if attn != "eager" else "sdpa"
-    twin = forward(build_variant(student, heads[0], other, device, torch.float32), inputs).float()
-    noise = (twin - outs[heads[0]]).abs().max().item()
-    scale = max(out.abs().max().item() for out in outs.values())
-    tolerance = max(20.0 * noise, 1e-6 * (1.0 + scale))
-    min_diff, min_pair = math.inf, None
-    for i, a in enumerate(heads):
-        for b in heads[i + 1 :]:
-            diff = (outs[a] - outs[b]).abs().max().item()
-            if diff < min_diff:
-                min_diff, min_pair = diff, (a, b)
-    if min_pair is not None and not min_diff > tolerance:
-        raise RuntimeError(
-            f"the {min_pair[0]}- and {min_pair[1]}-head models give the same outputs "
-            f"(max |diff| {min_diff:.2e} "
-            f"<= {tolerance:.2e}): the head split is not taking effect"
-        )
-    return Sanity(counts, min_diff, min_pair, tolerance, noise)
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-class Timer(Protocol):
-    """Seconds per call of ``fn`` (which runs one forward), measured over ``number`` calls."""
-
-    def __call__(
-        self, fn: Callable[[], object], *, heads: int, batch: int, seq: int, number: int
-    ) -> float: ...
-
-
-def make_wall_timer(device: str) -> Timer:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def timer(fn, *, heads, batch, seq, number):
-        sync()
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / number
-
-    return timer
-
-
-@dataclass
-class Cell:
-    batch: int
-    seq: int
-    rounds: int
-    number: int
-    times: dict[int, list[float]]  # seconds per call, one entry per round
-
-    def ms(self, h: int) -> float:
-        return 1000.0 * statistics.median(self.times[h])
-
-    def spread_pct(self, h: int) -> float:
-        """Interquartile range of the rounds relative to the median, in %."""
-        values = self.times[h]
-        if len(values) < 2:
-            return 0.0
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        return 100.0 * (q3 - q1) / statistics.median(values)
-
-
-def reduction_pct(t_base: float, t_h: float) -> float:
-    """Time reduction of a head count vs the baseline, in %: (t_base − t_h) / t_base."""
-    return 100.0 * (t_base - t_h) / t_base
-
-
-def time_cell(
-    models: dict[int, torch.nn.Module],
-    inputs: dict[str, torch.Tensor],
-    *,
-    batch: int,
-    seq: int,
-    timer: Timer,
-    device: str,
-    warmup: int,
-    min_rounds: int,
-    max_rounds: int,
-    budget_s: float,
-    min_measure_s: float,
-) -> Cell:
-    heads = list(models)
-    calls = {h: (lambda m=models[h]: forward(m, inputs)) for h in heads}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    warm: dict[int, float] = {}
-    for _ in range(max(1, warmup)):  # interleaved too; the last pass's wall time calibrates the cell
-        for h in heads:
-            sync()
-            start = time.perf_counter()
-            calls[h]()
-            sync()
-            warm[h] = time.perf_counter() - start
-    number = max(1, math.ceil(min_measure_s / max(min(warm.values()), 1e-9)))
-    round_cost = number * sum(warm.values())
-    rounds = max(min_rounds, min(max_rounds, int(budget_s // max(round_cost, 1e-9))))
-    times: dict[int, list[float]] = {h: [] for h in heads}
-    for r in range(rounds):
-        shift = r % len(heads)
-        for h in heads[shift:] + heads[:shift]:
-            times[h].append(timer(calls[h], heads=h, batch=batch, seq=seq, number=number))
-    return Cell(batch, seq, rounds, number, times)
-
-
-# ---------------------------------------------------------------------------------------------
-# the study
 
 
 @dataclass
 class StudySettings:
+    """What to time and how; ``runtimes`` is PyTorch alone unless onnxruntime is asked for (the CLI
+    asks for both), since onnxruntime is an optional extra."""
+
     heads: list[int] = field(default_factory=lambda: list(DEFAULT_HEADS))
     batches: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
     seqs: list[int] = field(default_factory=lambda: list(DEFAULT_SEQS))
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])
     device: str = "cpu"
     dtype: str = "fp32"
     attn: str = "sdpa"
@@ -321,6 +113,8 @@ class StudySettings:
 
 @dataclass
 class StudyResult:
+    """Everything the outputs show: the settings, the models, the checks and every cell's timings."""
+
     settings: StudySettings
     source: str
     heads: list[int]
@@ -330,45 +124,16 @@ class StudyResult:
     cells: list[Cell]
     device_facts: list[str]
     seconds: float
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])
+    onnx_check: dict[int, float] | None = None
 
-    def reduction(self, cell: Cell, h: int) -> float:
-        return reduction_pct(cell.ms(self.baseline), cell.ms(h))
-
-
-def device_facts(device: str) -> list[str]:
-    facts = [
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"python {platform.python_version()}"
-    ]
-    if device.startswith("cuda"):
-        index = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(index)
-        facts.append(f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
-    model_name = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except (OSError, subprocess.SubprocessError):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    facts.append(
-        f"CPU: {model_name}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; "
-        f"load average (1/5/15 min) at start: {load}"
-    )
-    return facts
+    def reduction(self, cell: Cell, h: int, runtime: str = "torch") -> float:
+        """Time reduction of ``h`` heads vs the baseline on ``runtime``, in % (positive = faster)."""
+        return reduction_pct(cell.ms(self.baseline, runtime), cell.ms(h, runtime))
 
 
-def run_study(
-    student: Student,
-    settings: StudySettings,
-    timer: Timer | None = None,
-    log: Callable[[str], None] = print,
-) -> StudyResult:
-    """Build one variant per usable head count from ``student``, check them, time every cell."""
-    started = time.perf_counter()
+def _study_heads(student: Student, settings: StudySettings, log: Callable[[str], None]):
+    """The usable head counts with the baseline first, the dropped ones, and the baseline."""
     heads, dropped = usable_heads(settings.heads, student.config.hidden_size)
     if not heads:
         raise ValueError(
@@ -379,10 +144,18 @@ def run_study(
     baseline = settings.baseline if settings.baseline in heads else max(heads)
     if baseline != settings.baseline:
         log(f"baseline {settings.baseline} heads is not in the study; using {baseline} heads instead")
-    heads = [baseline] + [h for h in heads if h != baseline]
-    facts = device_facts(settings.device)
-    for line in facts:
-        log(line)
+    return [baseline] + [h for h in heads if h != baseline], dropped, baseline
+
+
+def _check_runtimes(settings: StudySettings) -> None:
+    unknown = [r for r in settings.runtimes if r not in RUNTIMES]
+    if unknown or not settings.runtimes:
+        raise ValueError(f"runtimes must be some of {RUNTIMES}, got {settings.runtimes}")
+    if "onnxruntime" in settings.runtimes and (settings.device != "cpu" or settings.dtype != "fp32"):
+        raise ValueError("onnxruntime runs the fp32 ONNX graph on the CPU: use device cpu and dtype fp32")
+
+
+def _warn_if_loaded(settings: StudySettings, log: Callable[[str], None]) -> None:
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = torch.get_num_threads()
     if not settings.device.startswith("cuda") and threads > 1 and busy >= (os.cpu_count() or 1):
@@ -391,6 +164,11 @@ def run_study(
             "multi-threaded kernels stall when their threads are descheduled; "
             "--threads 1 gives steadier numbers"
         )
+
+
+def _checked_models(student: Student, settings: StudySettings, heads: list[int], log: Callable[[str], None]):
+    """The PyTorch variants, after :func:`sanity_check`; and the onnxruntime ones if asked for,
+    each closer to its PyTorch model than any two head counts are to each other."""
     dtype = DTYPES[settings.dtype]
     models = {h: build_variant(student, h, settings.attn, settings.device, dtype) for h in heads}
     sanity = sanity_check(student, models, settings.attn, settings.device, dtype)
@@ -401,139 +179,86 @@ def run_study(
         f"smallest max |output diff| between head counts {sanity.min_pair_diff:.3g}{pair} "
         f"> tolerance {sanity.tolerance:.1e} (fp32 sdpa-vs-eager noise {sanity.noise:.1e})"
     )
-    timer = timer or make_wall_timer(settings.device)
+    onnx = None
+    if "onnxruntime" in settings.runtimes:
+        onnx = export_variants(student, heads, settings.attn, torch.get_num_threads(), log)
+        worst = max(onnx.max_abs_diff.values())
+        if sanity.min_pair is not None and not worst < sanity.min_pair_diff:
+            onnx.close()
+            raise RuntimeError(
+                f"an ONNX graph differs from its PyTorch model by {worst:.2e}, not less than two head counts "
+                f"differ ({sanity.min_pair_diff:.2e}): the timings would not compare head counts"
+            )
+    return models, sanity, onnx
+
+
+def _time_cells(
+    models: dict[int, torch.nn.Module],
+    onnx: OnnxVariants | None,
+    student: Student,
+    settings: StudySettings,
+    heads: list[int],
+    timer: Timer,
+    log: Callable[[str], None],
+) -> list[Cell]:
+    """Every (batch, seq) cell, every runtime and head count of it timed side by side."""
     n_cells = len(settings.batches) * len(settings.seqs)
     cells = []
     for seq in settings.seqs:
         for batch in settings.batches:
             inputs = make_inputs(batch, seq, student.config.vocab_size, settings.device, seed=settings.seed)
+            calls: dict[Key, Callable[[], object]] = {}
+            for runtime in settings.runtimes:
+                for h in heads:
+                    if runtime == "torch":
+                        calls[(runtime, h)] = lambda m=models[h], x=inputs: forward(m, x)
+                    else:
+                        calls[(runtime, h)] = onnx_call(onnx.sessions[h], inputs)
             cell = time_cell(
-                models,
-                inputs,
-                batch=batch,
-                seq=seq,
-                timer=timer,
-                device=settings.device,
-                warmup=settings.warmup,
-                min_rounds=settings.rounds,
-                max_rounds=settings.max_rounds,
-                budget_s=settings.budget_s / n_cells,
+                calls, batch=batch, seq=seq, timer=timer, device=settings.device, warmup=settings.warmup,
+                min_rounds=settings.rounds, max_rounds=settings.max_rounds, budget_s=settings.budget_s / n_cells,
                 min_measure_s=settings.min_measure_ms / 1000.0,
             )
             cells.append(cell)
-            base = cell.ms(baseline)
-            summary = ", ".join(
-                f"{h}h {cell.ms(h):.1f} ms ({reduction_pct(base, cell.ms(h)):+.1f}%)" for h in heads[1:]
-            )
-            log(
-                f"batch {batch:>3} seq {seq:>4}: {baseline}h {base:.1f} ms; {summary} "
-                f"[{cell.rounds} rounds x {cell.number} calls]"
-            )
+            for runtime in settings.runtimes:
+                base = cell.ms(heads[0], runtime)
+                summary = ", ".join(
+                    f"{h}h {cell.ms(h, runtime):.1f} ms ({reduction_pct(base, cell.ms(h, runtime)):+.1f}%)"
+                    for h in heads[1:]
+                )
+                log(
+                    f"batch {batch:>3} seq {seq:>4} {runtime:>11}: {heads[0]}h {base:.1f} ms; {summary} "
+                    f"[{cell.rounds} rounds x {cell.number} calls]"
+                )
+    return cells
+
+
+def run_study(
+    student: Student,
+    settings: StudySettings,
+    timer: Timer | None = None,
+    log: Callable[[str], None] = print,
+) -> StudyResult:
+    """Build one variant per usable head count (and runtime) from ``student``, check them, time
+    every cell."""
+    started = time.perf_counter()
+    _check_runtimes(settings)
+    heads, dropped, baseline = _study_heads(student, settings, log)
+    facts = device_facts(settings.device, settings.runtimes)
+    for line in facts:
+        log(line)
+    _warn_if_loaded(settings, log)
+    models, sanity, onnx = _checked_models(student, settings, heads, log)
+    try:
+        cells = _time_cells(models, onnx, student, settings, heads, timer or make_wall_timer(settings.device), log)
+    finally:
+        if onnx is not None:
+            onnx.close()
     return StudyResult(
         settings, student.source, heads, dropped, baseline, sanity, cells, facts,
-        time.perf_counter() - started,
+        time.perf_counter() - started, runtimes=list(settings.runtimes),
+        onnx_check=dict(onnx.max_abs_diff) if onnx is not None else None,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs
-
-
-def _others(result: StudyResult) -> list[int]:
-    return [h for h in result.heads if h != result.baseline]
-
-
-def markdown_table(result: StudyResult) -> str:
-    base, others = result.baseline, _others(result)
-    header = ["batch", "seq"] + [f"{h}h ms" for h in result.heads] + [f"{h}h vs {base}h" for h in others]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    for cell in sorted(result.cells, key=lambda c: (c.batch, c.seq)):
-        row = [str(cell.batch), str(cell.seq)]
-        row += [f"{cell.ms(h):.2f}" for h in result.heads]
-        row += [f"{result.reduction(cell, h):+.1f}%" for h in others]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def markdown_report(result: StudyResult) -> str:
-    s = result.settings
-    count = next(iter(result.sanity.param_counts.values()))
-    lines = [
-        "# Student inference time vs attention-head count",
-        "",
-        f"- model: {result.source}; {count:,} parameters for every head count",
-        f"- device {s.device}, dtype {s.dtype}, attention {s.attn}, torch.inference_mode, eval()",
-        *[f"- {fact}" for fact in result.device_facts],
-        f"- timing: interleaved rounds (round-robin over head counts), median per model; "
-        f"at least {s.rounds} rounds per cell, budget {s.budget_s:.0f} s; total {result.seconds:.0f} s",
-        f"- columns: ms per batch (median); reduction vs {result.baseline} heads = "
-        f"(t{result.baseline} − th) / t{result.baseline}, positive = faster",
-    ]
-    if result.dropped_heads:
-        lines.append(f"- head counts skipped (do not divide the width): {result.dropped_heads}")
-    return "\n".join(lines) + "\n\n" + markdown_table(result) + "\n"
-
-
-def write_csv(result: StudyResult, path: Path) -> None:
-    others = _others(result)
-    header = ["batch", "seq", "rounds", "calls_per_measure"]
-    header += [f"ms_{h}h" for h in result.heads]
-    header += [f"reduction_pct_{h}h_vs_{result.baseline}h" for h in others]
-    header += [f"iqr_pct_{h}h" for h in result.heads]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for cell in sorted(result.cells, key=lambda c: (c.batch, c.seq)):
-            row = [cell.batch, cell.seq, cell.rounds, cell.number]
-            row += [f"{cell.ms(h):.4f}" for h in result.heads]
-            row += [f"{result.reduction(cell, h):.3f}" for h in others]
-            row += [f"{cell.spread_pct(h):.2f}" for h in result.heads]
-            writer.writerow(row)
-
-
-def write_plot(result: StudyResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seqs = sorted({c.seq for c in result.cells})
-    fig, axes = plt.subplots(1, len(seqs), figsize=(5.2 * len(seqs), 4.0), sharey=True, squeeze=False)
-    for ax, seq in zip(axes[0], seqs):
-        cells = sorted((c for c in result.cells if c.seq == seq), key=lambda c: c.batch)
-        batches = [c.batch for c in cells]
-        for h in _others(result):
-            ax.plot(batches, [result.reduction(c, h) for c in cells], marker="o", label=f"{h} heads")
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        if len(batches) > 1 and min(batches) > 0:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_title(f"seq {seq}")
-        ax.set_xlabel("batch size")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel(f"time reduction vs {result.baseline} heads (%)")
-    axes[0][-1].legend(fontsize="small")
-    s = result.settings
-    fig.suptitle(f"{result.source}: {s.device} {s.dtype} {s.attn}", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(
-    result: StudyResult, out_dir: str | Path, log: Callable[[str], None] = print
-) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / f"{FILE_STEM}.md", "csv": out / f"{FILE_STEM}.csv", "png": out / f"{FILE_STEM}.png"}
-    paths["md"].write_text(markdown_report(result))
-    write_csv(result, paths["csv"])
-    try:
-        write_plot(result, paths["png"])
-    except ImportError:
-        log("matplotlib is not installed: no plot (pip install matplotlib)")
-        del paths["png"]
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +266,7 @@ def write_outputs(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; unset lists come from the full or ``--quick`` preset."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported student directory (its heads are varied); default: random")
     p.add_argument("--layers", type=int, default=4)
@@ -549,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_HEADS))}")
     p.add_argument("--batches", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_BATCHES))}")
     p.add_argument("--seqs", type=int, nargs="+", help=f"default {' '.join(map(str, DEFAULT_SEQS))}")
+    p.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES), default=list(RUNTIMES),
+                   help="PyTorch and/or onnxruntime (default both; onnxruntime: CPU, fp32)")
     p.add_argument("--baseline", type=int, default=12, help="head count the reductions are relative to")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
@@ -558,9 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, help="timing budget for all cells (default 150, --quick 25)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per model and cell")
     p.add_argument("--min-measure-ms", type=float, default=40.0, help="repeat shorter calls")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch (and onnxruntime) intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="heads 12 6 3, batches 1 8 32: about a minute")
+    p.add_argument("--quick", action="store_true", help="heads 12 6 3, batches 1 8: about two minutes")
     p.add_argument("--out", default="outputs/inference_heads/")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -569,10 +297,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, preset[name])
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
+    if "onnxruntime" in args.runtimes:
+        if args.device != "cpu" or args.dtype != "fp32":
+            p.error("--runtimes onnxruntime runs the fp32 graph on the CPU: add --runtimes torch for "
+                    f"--device {args.device} --dtype {args.dtype}")
+        from mlkd_scale.engine.export.onnx_export import require_onnx
+        from mlkd_scale.errors import ExportError
+
+        try:
+            require_onnx()
+        except ExportError as exc:
+            p.error(f"--runtimes onnxruntime: {exc}; or time PyTorch alone with --runtimes torch")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the study from the command line, print the table(s) and write the outputs."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -581,25 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         student = random_student(student_config(args.layers, args.hidden, args.ffn), seed=args.seed)
     settings = StudySettings(
-        heads=list(args.heads),
-        batches=list(args.batches),
-        seqs=list(args.seqs),
-        device=args.device,
-        dtype=args.dtype,
-        attn=args.attn,
-        baseline=args.baseline,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        max_rounds=max(args.max_rounds, args.rounds),
-        budget_s=args.budget_s,
-        min_measure_ms=args.min_measure_ms,
-        seed=args.seed,
+        heads=list(args.heads), batches=list(args.batches), seqs=list(args.seqs), runtimes=list(args.runtimes),
+        device=args.device, dtype=args.dtype, attn=args.attn, baseline=args.baseline, warmup=args.warmup,
+        rounds=args.rounds, max_rounds=max(args.max_rounds, args.rounds), budget_s=args.budget_s,
+        min_measure_ms=args.min_measure_ms, seed=args.seed,
     )
     print(f"model: {student.source}")
     result = run_study(student, settings)
     paths = write_outputs(result, args.out)
     print()
     print(markdown_table(result))
+    if speedup_table(result):
+        print("\nspeed-up over PyTorch (t_torch / t_runtime):\n")
+        print(speedup_table(result))
     print()
     print(f"total {result.seconds:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

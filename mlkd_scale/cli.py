@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from mlkd_scale.errors import CheckpointError, DataError, SpecError
+from mlkd_scale.errors import CheckpointError, DataError, ExportError, SpecError
 from mlkd_scale.spec import load_spec, resolve_plan, spec_hash
 from mlkd_scale.spec.overrides import schema_text
 
@@ -89,15 +89,61 @@ def schema() -> None:
     print(schema_text(), end="")
 
 
-def export(checkpoint: str, out: str) -> None:
-    """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory."""
+def export(checkpoint: str, out: str, onnx: bool = False) -> None:
+    """Write the student of CHECKPOINT (a checkpoint dir or tag dir) to OUT as a Hugging Face directory.
+
+    With --onnx, also OUT/model.onnx, checked against the PyTorch student with onnxruntime
+    (OUT/onnx_check.json); needs the extra ``mlkd-scale[onnx]``, looked for before exporting.
+    """
     from mlkd_scale.engine.export.hf_export import export_checkpoint
 
+    if onnx:
+        _onnx_installed("export --onnx")
     try:
         written = export_checkpoint(str(checkpoint), str(out))
     except (CheckpointError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _fail(f"export: {exc}")
     print(f"exported the student to {written}")
+    if onnx:
+        _onnx(written, None, None, "export --onnx")
+
+
+def onnx(model_dir: str, out: str | None = None, tolerance: float | None = None) -> None:
+    """Export the Hugging Face model in MODEL_DIR to OUT/model.onnx (default OUT: MODEL_DIR) with
+    dynamic batch and sequence axes, and check it against PyTorch with onnxruntime.
+
+    Args:
+        model_dir: A Hugging Face model directory (e.g. what ``mlkd-scale export`` wrote).
+        out: Directory for model.onnx and onnx_check.json (default: MODEL_DIR).
+        tolerance: Largest max abs difference allowed on any output (default 1e-4).
+    """
+    _onnx_installed("onnx")
+    _onnx(str(model_dir), out, tolerance, "onnx")
+
+
+def _onnx_installed(command: str) -> None:
+    from mlkd_scale.engine.export.onnx_export import require_onnx
+
+    try:
+        require_onnx()
+    except ExportError as exc:
+        _fail(f"{command}: {exc}")
+
+
+def _onnx(model_dir, out, tolerance, command: str) -> None:
+    from mlkd_scale.engine.export.onnx_export import CHECK_FILE, ONNX_FILE, TOLERANCE, export_onnx
+
+    target = out if out is not None else model_dir
+    try:
+        report = export_onnx(model_dir, out, TOLERANCE if tolerance is None else tolerance)
+    except ExportError as exc:
+        _fail(f"{command}: {exc}")
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in report["max_abs_diff"].items())
+    print(
+        f"wrote {os.path.join(target, ONNX_FILE)} (opset {report['opset']}); onnxruntime "
+        f"{report['versions']['onnxruntime']} vs PyTorch on {report['check_shapes']}: max abs diff {diffs} "
+        f"<= {report['tolerance_abs']:g} ({os.path.join(target, CHECK_FILE)})"
+    )
 
 
 def agreement(teacher: str, student: str, heldout: str, limit: int = 400, seed: int = 0) -> None:
@@ -155,6 +201,7 @@ COMMANDS = {
     "validate": validate,
     "schema": schema,
     "export": export,
+    "onnx": onnx,
     "agreement": agreement,
     "pretokenize": pretokenize,
 }

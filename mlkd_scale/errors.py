@@ -57,11 +57,16 @@ class AugmentInputError(ValueError):
     """A problem with the input file of an augmentation, worded for the user (file, line, field)."""
 
 
+class ExportError(RuntimeError):
+    """A model cannot be exported or its exported form does not match it; the message says what to do."""
+
+
 __all__ = [
     "AugmentCacheError",
     "AugmentInputError",
     "CheckpointError",
     "DataError",
+    "ExportError",
     "SpecError",
     "SquadDataError",
     "one_line",

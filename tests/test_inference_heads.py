@@ -134,3 +134,53 @@ def test_quick_preset_and_explicit_flags():
     args = ih.parse_args([])
     assert args.heads == ih.DEFAULT_HEADS and args.batches == ih.DEFAULT_BATCHES
     assert args.seqs == ih.DEFAULT_SEQS
+
+
+class RecordingTimer:
+    """A fixed time per head count (no wall clock); keeps every output the real forwards gave."""
+
+    def __init__(self):
+        self.outputs: dict[int, list[torch.Tensor]] = {12: [], 3: []}
+
+    def __call__(self, fn, *, heads, batch, seq, number):
+        self.outputs[heads].append(fn())
+        return {12: 0.010, 3: 0.006}[heads]
+
+
+def test_onnxruntime_runtime_beside_pytorch(tmp_path):
+    """Both runtimes timed in one study: each head count exported to ONNX, checked, run by
+    onnxruntime on the same inputs as PyTorch (same outputs), and both shown in table and CSV."""
+    config = ih.student_config(layers=1, hidden=24, ffn=48, heads=12, vocab=64, max_positions=32)
+    config.initializer_range = 0.2
+    settings = ih.StudySettings(
+        heads=[12, 3], batches=[2], seqs=[8], runtimes=["torch", "onnxruntime"],
+        rounds=2, max_rounds=2, budget_s=0.0, min_measure_ms=0.0,
+    )
+    timer, logs = RecordingTimer(), []
+    result = ih.run_study(ih.random_student(config, seed=0), settings, timer=timer, log=logs.append)
+    assert set(result.onnx_check) == {12, 3} and max(result.onnx_check.values()) <= 1e-4
+    assert any(line.startswith("onnxruntime: exported 2 head counts") for line in logs)
+    cell = result.cells[0]
+    assert set(cell.times) == {("torch", 12), ("torch", 3), ("onnxruntime", 12), ("onnxruntime", 3)}
+    for outs in timer.outputs.values():  # 2 rounds x 2 runtimes, all the same model's output
+        assert len(outs) == 4 and all(torch.allclose(o, outs[0], atol=1e-4) for o in outs)
+    assert not torch.allclose(timer.outputs[12][0], timer.outputs[3][0], atol=1e-3)
+
+    paths = ih.write_outputs(result, tmp_path, log=logs.append)
+    table = paths["md"].read_text()
+    assert "| batch | seq | runtime | 12h ms | 3h ms | 3h vs 12h |" in table
+    assert "| 2 | 8 | torch | 10.00 | 6.00 | +40.0% |" in table
+    assert "| 2 | 8 | onnxruntime | 10.00 | 6.00 | +40.0% |" in table
+    assert "| 2 | 8 | onnxruntime | 1.00× | 1.00× |" in table  # speed-up over PyTorch
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["runtime"] for r in rows] == ["torch", "onnxruntime"]
+    assert float(rows[1]["speedup_vs_torch_3h"]) == pytest.approx(1.0)
+
+
+def test_onnxruntime_needs_cpu_fp32():
+    with pytest.raises(SystemExit):
+        ih.parse_args(["--dtype", "bf16"])  # onnxruntime is a default runtime
+    args = ih.parse_args(["--dtype", "bf16", "--runtimes", "torch"])
+    assert args.runtimes == ["torch"]
+    assert ih.parse_args([]).runtimes == ["torch", "onnxruntime"]

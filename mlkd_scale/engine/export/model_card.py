@@ -96,3 +96,30 @@ def model_card(client: dict, model, tag: str, results: dict | None = None) -> st
         "",
     ]
     return "\n".join(lines)
+
+
+ONNX_HEADING = "## ONNX"
+
+
+def with_onnx_section(card: str, check: dict) -> str:
+    """``card`` with an ONNX section (the file, its inputs and the onnxruntime check) before "How to
+    load", replacing an earlier one, so the card says what was checked and how well."""
+    diffs = ", ".join(f"`{k}` {v if isinstance(v, str) else f'{v:.2e}'}" for k, v in check["max_abs_diff"].items())
+    section = [
+        ONNX_HEADING,
+        "",
+        (f"`{check['onnx_file']}` (opset {check['opset']}, `{check['exporter']}`): inputs "
+         f"{', '.join(f'`{n}`' for n in check['inputs'])}, dynamic batch and sequence axes. Checked against "
+         f"the PyTorch model with onnxruntime {check['versions']['onnxruntime']} on inputs of shapes "
+         f"{', '.join('×'.join(map(str, s)) for s in check['check_shapes'])} (padded rows included): "
+         f"max abs difference {diffs}; tolerance {check['tolerance_abs']:g}, "
+         f"{'passed' if check['passed'] else 'FAILED'} (`onnx_check.json`)."),
+        "",
+    ]
+    lines = card.split("\n")
+    if ONNX_HEADING in lines:  # drop the old section: up to the next heading
+        start = lines.index(ONNX_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines = lines[:start] + lines[end:]
+    at = lines.index("## How to load") if "## How to load" in lines else len(lines)
+    return "\n".join(lines[:at] + section + lines[at:])
