@@ -26,6 +26,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common
+import peer_steps
 import peers
 
 from mlkd_scale.models import FeatureTap, TapRequest
@@ -103,7 +104,7 @@ def _ours(teacher, student, objective, batch) -> tuple[dict[str, torch.Tensor], 
 def _as_peers_run(*models):
     """The peers read every layer's scores from eager attention (ours computes them selectively)."""
     for model in models:
-        model.set_attn_implementation(peers.EAGER_SCORES)
+        model.set_attn_implementation(peer_steps.EAGER_SCORES)
 
 
 def _hf_outputs(teacher, student, batch):
@@ -120,7 +121,7 @@ def test_hf_loop_losses_equal_our_tinybert_terms(teacher_dtype):
     ours, _, _ = _ours(teacher, student, objective, batch)
     t, s = _hf_outputs(teacher, student, batch)
     assert len(objective.projections) == 1, "TinyBERT's one shared fit_dense"
-    ref = peers.tinybert_reference_losses(
+    ref = peer_steps.tinybert_reference_losses(
         t.hidden_states, t.attentions, s.hidden_states, s.attentions, objective.projections[0], objective.layer_map
     )
     assert set(ref) == set(ours) - {"total"} == {"emb", "hidden", "attn"}
@@ -137,7 +138,7 @@ def test_the_peers_attention_maps_are_scores_with_masked_keys_zeroed():
     padded_keys = batch["attention_mask"][:, None, None, :] == 0
     assert (scores[~padded_keys.expand_as(scores)] < 0).any()
     assert (scores.masked_select(padded_keys) <= -100).all() and padded_keys.any()
-    zeroed = peers.zeroed_mse(scores, torch.zeros_like(scores))
+    zeroed = peer_steps.zeroed_mse(scores, torch.zeros_like(scores))
     real_only = scores.masked_fill(padded_keys, 0).square().mean()
     torch.testing.assert_close(zeroed, real_only)
 
@@ -151,7 +152,7 @@ def test_textbrewer_losses_equal_our_tinybert_terms(tmp_path):
     teacher, student, objective, batch = _tiny_pair(torch.float32)
     ours, t_feats, s_feats = _ours(teacher, student, objective, batch)
     _as_peers_run(teacher, student)
-    distiller = peers.build_textbrewer(
+    distiller = peer_steps.build_textbrewer(
         teacher, student, objective.layer_map, "cpu", str(tmp_path), upcast=False
     )
     assert len(distiller.projs) == 2 * len(objective.layer_map) + 1
@@ -175,7 +176,7 @@ def test_textbrewer_losses_equal_our_tinybert_terms(tmp_path):
 
 
 def test_textbrewer_matches_follow_the_uniform_mapping():
-    matches = peers.textbrewer_matches([2, 4], 24, 48)
+    matches = peer_steps.textbrewer_matches([2, 4], 24, 48)
     hidden = [(m["layer_S"], m["layer_T"]) for m in matches if m["feature"] == "hidden"]
     attention = [(m["layer_S"], m["layer_T"]) for m in matches if m["feature"] == "attention"]
     assert hidden == [(0, 0), (1, 2), (2, 4)]  # hidden_states[0] is the embedding output
