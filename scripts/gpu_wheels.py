@@ -65,6 +65,10 @@ _MACHINE_PACKAGES = (
     xxhash yarl zipp"""
 )
 MACHINE_HAS = frozenset(_MACHINE_PACKAGES.split())
+#: Versions that KINDS.md's pip list recorded there; the dry run's stand-in machine uses them (not its
+#: numpy 2.5.2, which needs Python >= 3.12: the stand-in runs this machine's Python 3.11).
+MACHINE_VERSIONS = {"huggingface-hub": "1.33.0", "safetensors": "0.8.0", "tokenizers": "0.23.2",
+                    "transformers": "5.17.0", "torch": "2.11.0"}
 
 #: Carried although the machine has a version: the one it has is not recorded and ours needs a new
 #: one (pydantic 2.14 requires typing-extensions >= 4.16). A wheel on PYTHONPATH wins over it.
@@ -96,14 +100,16 @@ def project_roots() -> list[str]:
     return list(project["dependencies"]) + list(EXTRA_ROOTS)
 
 
-def needed_packages(roots: list[str], python_version: str) -> dict[str, str]:
+def needed_packages(roots: list[str], python_version: str) -> tuple[dict[str, str], set[str]]:
     """{name: installed version} of every distribution ``roots`` need, recursively, that the machine
-    lacks (or that is in ``ALSO_CARRY``). Markers are read for the target Python on Linux; extras are
-    not followed. A requirement not installed here is an error: its version could not be pinned."""
+    lacks (or that is in ``ALSO_CARRY``), and the names of those it has. Markers are read for the
+    target Python on Linux; extras are not followed. A requirement not installed here is an error:
+    its version could not be pinned."""
     env = dict(default_environment(), python_version=python_version, python_full_version=python_version + ".0")
     env.update(sys_platform="linux", platform_system="Linux", platform_machine="x86_64")
     seen: set[str] = set()
     carry: dict[str, str] = {}
+    machine: set[str] = set()
     todo = [Requirement(r) for r in roots]
     while todo:
         req = todo.pop()
@@ -112,6 +118,7 @@ def needed_packages(roots: list[str], python_version: str) -> dict[str, str]:
             continue
         seen.add(name)
         if name in MACHINE_HAS and name not in ALSO_CARRY:
+            machine.add(name)
             continue  # the machine has it; so also what it needs (torch, transformers, ...)
         try:
             dist = metadata.distribution(name)
@@ -120,7 +127,19 @@ def needed_packages(roots: list[str], python_version: str) -> dict[str, str]:
                              f"install it into {sys.prefix} first (pip install {name})") from None
         carry[name] = dist.version
         todo += [Requirement(r) for r in dist.requires or ()]
-    return dict(sorted(carry.items()))
+    return dict(sorted(carry.items())), machine
+
+
+def machine_base(python_version: str) -> list[str]:
+    """Requirements of a stand-in for the GPU machine's own packages (the dry run's fresh venv): those
+    the project needs from it, at the versions recorded there where known, else at ours; and pytest.
+    torch is left out (the dry run installs the CPU build on this disk)."""
+    _, machine = needed_packages(project_roots() + ["pytest"], python_version)
+    pins = []
+    for name in sorted((machine | MACHINE_VERSIONS.keys()) - {"torch"}):
+        version = MACHINE_VERSIONS.get(name) or metadata.version(name)
+        pins.append(f"{name}=={version}")
+    return pins
 
 
 def fetch_wheel(name: str, version: str, dest: Path, python_version: str) -> None:
@@ -194,7 +213,7 @@ def build(args: argparse.Namespace) -> dict:
     dest: Path = args.dest
     exclude_from_git(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    packages = needed_packages(project_roots(), args.python_version)
+    packages, _ = needed_packages(project_roots(), args.python_version)
     wanted = {f"{normalize(n)}=={v}" for n, v in packages.items()}
     for stale in dest.glob("*.whl"):  # another version left by an earlier build: two stop the install
         parts = stale.name.split("-")
@@ -239,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-mib", type=float, default=63.0,
                         help="the most the tree that travels may weigh (the device limit is 64 MiB)")
     parser.add_argument("--no-teacher", action="store_true", help="wheels only (the dry run's second set)")
+    parser.add_argument("--print-base", action="store_true",
+                        help="only print the machine's packages the project needs, one requirement a line")
     args = parser.parse_args(argv)
+    if args.print_base:
+        print("\n".join(machine_base(args.python_version)))
+        return 0
     args.dest = args.dest.resolve()
     manifest = build(args)
     print(f"{len(manifest['wheels'])} wheels for Python {args.python_version}: " + ", ".join(
