@@ -200,8 +200,8 @@ SIZES = {
             "caps": {"install": 60, "env": 45, "tests": 120, "corpus": 30, "general_kd": 150, "kd_figures": 60,
                      "throughput": 90, "peers": 120}},
     "cpu": {"budget_s": 2400, "kd_steps": 6, "kd_batch": 4, "kd_seq": 64, "agreement_limit": 60,
-            "tp": ["--shapes", "tiny", "--batch", "4", "--steps", "3", "--warmup", "1", "--threads", "1"],
-            "peers": ["--shapes", "tiny", "--batch", "4", "--rounds", "2", "--warmup", "1", "--threads", "1"],
+            "tp": ["--shapes", "tiny", "--seq", "32", "--batch", "4", "--steps", "3", "--warmup", "1", "--threads", "1"],
+            "peers": ["--shapes", "tiny", "--seq", "32", "--batch", "4", "--rounds", "2", "--warmup", "1", "--threads", "1"],
             "caps": {"install": 120, "env": 120, "tests": 400, "corpus": 60, "general_kd": 400, "kd_figures": 240,
                      "throughput": 240, "peers": 400}},
 }
@@ -281,16 +281,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check_work"), help="runs, corpora, raw JSON")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "gpu_check_out"))
     parser.add_argument("--budget-s", type=float, default=None, help="the whole run's cap (default per mode)")
+    parser.add_argument("--only", default=None, help="comma-separated steps to run (e.g. install,env,peers)")
     args = parser.parse_args(argv)
     args.teacher = args.teacher or args.wheels / "teacher_bf16"
-    for path in (args.target, args.work):
-        shutil.rmtree(path, ignore_errors=True)
-    args.work.mkdir(parents=True)
     budget = args.budget_s or SIZES[args.mode]["budget_s"]
     meta = {"mode": args.mode, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": os.uname().nodename, "gpu": gpu_name(), "python": sys.version.split()[0],
             "commit": _commit(), "wheels": str(args.wheels), "teacher": str(args.teacher)}
-    summary = run_all(build_steps(args), args.out, budget, step_env(args), meta)
+    steps = build_steps(args)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {step.name for step in steps})
+        if unknown:
+            parser.error(f"--only: no step {unknown}; the steps are {', '.join(s.name for s in steps)}")
+        steps = [step for step in steps if step.name in wanted]
+    # A fresh start, except what a partial rerun (--only) keeps: earlier steps' runs, installed wheels.
+    if not args.only:
+        shutil.rmtree(args.work, ignore_errors=True)
+    names = {step.name for step in steps}
+    if "install" in names:
+        shutil.rmtree(args.target, ignore_errors=True)
+    if "general_kd" in names:  # else the launcher would resume the finished run of an earlier call
+        shutil.rmtree(args.work / "kd", ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    summary = run_all(steps, args.out, budget, step_env(args), meta)
     print(json.dumps(summary["headline"], indent=1, default=str))
     print(f"[gpu_check] {args.out / 'gpu_check_summary.json'} ({summary['elapsed_s']} s in all)")
     return 0 if all(s["status"] == "ok" for s in summary["steps"]) else 1

@@ -39,6 +39,9 @@ done
 DRY=${DRY:-/tmp/gpu_check_dry}
 LOCAL_VERSION=$("$VENV_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 mkdir -p "$DRY" "$OUT"
+# DeepSpeed's CPU all-reduce op is compiled on first use; a folder of its own keeps this venv's build
+# apart from other environments' (one shared folder rebuilds it for each torch, under one lock).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$DRY/torch_extensions}
 step() { printf '\n[dry run] %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 step "1. the .whl/ folder for the GPU machine (Python 3.12), built or brought up to date"
@@ -95,7 +98,7 @@ names = {normalize(p["name"]): p["version"] for p in json.load(sys.stdin)}
 extra = sorted(n for n in names if n not in MACHINE_HAS)
 transformers, torch = names.get("transformers"), names.get("torch")
 print(f"  {len(names)} packages; transformers {transformers}, torch {torch}")
-print("  not on the GPU machine's list:", ", ".join(extra) or "none")
+print("  not in the GPU machine package list:", ", ".join(extra) or "none")
 '
 
 step "5. every step of the GPU check, on the CPU at tiny sizes, from the fresh venv and the installed wheels"
