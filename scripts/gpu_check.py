@@ -4,6 +4,7 @@
 it runs before the carried wheels are installed; the steps are child processes:
 
 1. ``install``     the wheels into a fresh ``--target`` folder (``pip install --no-index --no-deps``)
+   (``cpu_ops``     the dry run only: DeepSpeed's CPU all-reduce op, compiled once, uncapped in effect)
 2. ``env``         import every carried package from there; versions, the device, nvidia-smi
 3. ``tests``       ``pytest tests/test_cuda.py`` (bf16 teacher, selective attention, engine steps)
 4. ``general_kd``  the real teacher (all-MiniLM-L6-v2, bf16) distilled through the launcher
@@ -199,11 +200,11 @@ SIZES = {
             "peers": ["--batch", "64", "--rounds", "10", "--warmup", "1"],
             "caps": {"install": 60, "env": 45, "tests": 120, "corpus": 30, "general_kd": 150, "kd_figures": 60,
                      "throughput": 90, "peers": 120}},
-    "cpu": {"budget_s": 2400, "kd_steps": 6, "kd_batch": 4, "kd_seq": 64, "agreement_limit": 60,
+    "cpu": {"budget_s": 3600, "kd_steps": 6, "kd_batch": 4, "kd_seq": 64, "agreement_limit": 60,
             "tp": ["--shapes", "tiny", "--seq", "32", "--batch", "4", "--steps", "3", "--warmup", "1", "--threads", "1"],
             "peers": ["--shapes", "tiny", "--seq", "32", "--batch", "4", "--rounds", "2", "--warmup", "1", "--threads", "1"],
-            "caps": {"install": 120, "env": 120, "tests": 400, "corpus": 60, "general_kd": 400, "kd_figures": 240,
-                     "throughput": 240, "peers": 400}},
+            "caps": {"install": 120, "cpu_ops": 900, "env": 120, "tests": 400, "corpus": 60, "general_kd": 400,
+                     "kd_figures": 240, "throughput": 400, "peers": 400}},
 }
 
 
@@ -242,6 +243,8 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
     return [
         Step("install", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                          "--no-cache-dir", "--upgrade", "--target", str(args.target), *wheels], caps["install"]),
+        *([Step("cpu_ops", [py, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                caps["cpu_ops"])] if args.mode == "cpu" else []),
         Step("env", [py, figures, "env", "--target", str(args.target), "--json", str(work / "env.json")],
              caps["env"], work / "env.json"),
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",

@@ -42,6 +42,7 @@ mkdir -p "$DRY" "$OUT"
 # DeepSpeed's CPU all-reduce op is compiled on first use; a folder of its own keeps this venv's build
 # apart from other environments' (one shared folder rebuilds it for each torch, under one lock).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$DRY/torch_extensions}
+rm -f "$DRY"/torch_extensions/*/lock  # left by a build that a cap or ^C killed: it would block every next one
 step() { printf '\n[dry run] %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 step "1. the .whl/ folder for the GPU machine (Python 3.12), built or brought up to date"
