@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -217,6 +218,13 @@ def gpu_name() -> str:
     return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else ""
 
 
+def free_port() -> int:
+    """A local TCP port free now (the launcher's default 29500 may be another run's on a shared machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def kd_argv(args: argparse.Namespace, size: dict) -> list[str]:
     """The quick-start spec through the launcher on one device, in bf16, with the real teacher."""
     source = json.dumps([{"path": str(args.work / "corpus" / "train.jsonl"), "text_field": "text"}])
@@ -227,7 +235,8 @@ def kd_argv(args: argparse.Namespace, size: dict) -> list[str]:
         "logging.every_n_steps": max(1, size["kd_steps"] // 10), "logging.progress_bar": False,
     }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    return [str(args.target / "bin" / "deepspeed"), "--num_gpus", "1", "launchers/general_kd.py",
+    return [str(args.target / "bin" / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+            "launchers/general_kd.py",
             "--spec", "examples/quickstart.json", *sets]
 
 

@@ -63,6 +63,8 @@ def kd_figures(run_dir: Path, teacher: str, heldout: Path, limit: int) -> dict:
     from mlkd_scale.engine.tb_logger import read_scalars
     from mlkd_scale.evaluation import agreement_report
 
+    if not (run_dir / "tensorboard").is_dir():
+        raise SystemExit(f"no {run_dir / 'tensorboard'}: the general_kd step wrote nothing (see its log)")
     scalars = read_scalars(run_dir / "tensorboard")
     loss = scalars.get("loss/total", [])
     rates = [value for _, value in scalars.get("throughput/tokens_per_s", [])]
