@@ -189,6 +189,7 @@ def tree_bytes() -> int:
 
 
 def folder_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
