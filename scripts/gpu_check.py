@@ -258,7 +258,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
              caps["env"], work / "env.json"),
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
                        f"--junitxml={work / 'tests.xml'}"], caps["tests"], work / "tests.xml"),
-        Step("corpus", [py, "-m", "mlkd_scale.data.local_corpus", str(work / "corpus")], caps["corpus"]),
+        Step("corpus", [py, "-m", "mlkd_scale.data.corpus.local_corpus", str(work / "corpus")], caps["corpus"]),
         Step("general_kd", kd_argv(args, size), caps["general_kd"]),
         Step("kd_figures", [py, figures, "kd", "--run-dir", str(work / "kd"), "--teacher", str(args.teacher),
                             "--heldout", str(work / "corpus" / "heldout.jsonl"),

@@ -23,7 +23,7 @@ import torch
 from common import build_models, make_batch, make_engine, quiet_libraries
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.engine.module import MODEL_INPUTS, DistillationModule
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule
 from mlkd_scale.models import FeatureTap
 
 quiet_libraries()
