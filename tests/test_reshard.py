@@ -29,7 +29,7 @@ from mlkd_scale.engine.checkpoint import CheckpointError, CheckpointManager, ato
 from mlkd_scale.engine.checkpoint_files import describe
 from mlkd_scale.engine.reshard import UNIVERSAL, Resume, derived_seed, ensure_universal, prepare_resume
 from mlkd_scale.engine.rng_state import capture_rng_state
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))

@@ -31,7 +31,7 @@ from mlkd_scale.data.squad_task import limit_questions, load_squad_task_data, sq
 from mlkd_scale.engine.task_finetune import run_finetune
 from mlkd_scale.engine.task_kd import run_task_kd
 from mlkd_scale.engine.task_run import evaluate_model_dir
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features
 from mlkd_scale.spec import LossesSpec, RunSpec, SpecError, load_spec

@@ -29,7 +29,7 @@ from mlkd_scale.engine.task_kd import (
     stage2_module_from_stage1,
 )
 from mlkd_scale.engine.task_stage import full_state_dict
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import load_spec
 
 ALL_TASKS = [task.name for task in TASKS.values()]

@@ -30,7 +30,7 @@ from mlkd_scale.data.task_data import load_task_data
 from mlkd_scale.engine import teacher_cache
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.task_kd import load_task_teacher, run_task_kd
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.engine.teacher_cache import (
     POOLED,
     flat_features,
