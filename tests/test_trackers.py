@@ -13,10 +13,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from run_fixtures import make_spec
 
 from mlkd_scale.engine.trackers import STATE_FILE, open_trackers, read_scalars, read_texts
 from mlkd_scale.engine.trackers.mlflow_tracker import default_uri, flat_params, read_metrics
 from mlkd_scale.engine.trackers.wandb_tracker import offline_files, read_config, read_history
+from mlkd_scale.launch import launch
 from mlkd_scale.spec import RunSpec, SpecError
 
 pytest.importorskip("mlflow")
@@ -117,6 +119,22 @@ def test_a_tracker_that_cannot_start_is_one_spec_error(tmp_path, monkeypatch):
     disabled.close()
 
 
+def test_a_bad_tracking_uri_ends_a_launch_with_status_2_and_one_message(tmp_path, assets, monkeypatch, capsys):
+    """What every launcher does (mlkd_scale.launch.launch), with the engine's first tracker step as the run."""
+    spec = make_spec(tmp_path, *assets, logging__report_to=["tensorboard", "mlflow"])
+    monkeypatch.setattr(sys, "argv", ["general_kd.py", "--spec", str(spec),
+                                      "--set", "logging.mlflow.tracking_uri=bogus://nowhere"])
+    opened = []
+
+    def run(spec, stop_after_steps=None):
+        opened.append(open_trackers(spec, spec.run.output_dir, enabled=True))
+
+    assert launch(run, "test", "stop") == 2
+    err = capsys.readouterr().err
+    assert "logging.mlflow.tracking_uri 'bogus://nowhere': MLflow could not open a run" in err
+    assert "Traceback" not in err and not opened
+
+
 def test_flat_params_cleans_keys_and_cuts_long_values():
     params = flat_params({"a": {"b c": 1, "w[0]": "x" * 7000}, "empty": {}})
     assert params["a.b c"] == "1" and params["empty"] == "{}"
@@ -128,5 +146,5 @@ def test_importing_deepspeed_does_not_load_mlflow():
     code = ("import sys, mlkd_scale, deepspeed; m = sys.modules['mlflow']; assert type(m).__name__ == "
             "'_DeferredModule', type(m); from mlflow.tracking import MlflowClient; import mlflow; "
             "assert type(sys.modules['mlflow']).__name__ == 'module'; print(mlflow.__version__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
