@@ -94,7 +94,7 @@ def test_a_crashed_launch_and_its_resume_log_every_step_once(tmp_path):
     assert '"max_steps": 8' in read_texts(out / "tensorboard")["spec/text_summary"][0]
 
 
-def test_a_restart_from_step_0_opens_new_tracker_runs(tmp_path):
+def test_a_restart_from_step_0_opens_new_runs_and_an_older_resume_logs_nothing_twice(tmp_path):
     out = tmp_path / "out"
     spec = _spec(out, report_to=["mlflow"])
     _launch(spec, out, 0, steps=[1, 2], commits={2})
@@ -104,6 +104,13 @@ def test_a_restart_from_step_0_opens_new_tracker_runs(tmp_path):
     assert first != second
     assert not (out / "tensorboard").exists(), "tensorboard is not in report_to"
     assert [s for s, _ in read_metrics(default_uri(out), second)["loss/total"]] == [1, 2]
+    # a resume from an older checkpoint (1) trains 2 again: MLflow keeps its step 2, gets step 3 once
+    ckpt = SimpleNamespace(commit_hooks=[])
+    with open_trackers(spec, out, enabled=True, resume_step=1, checkpoints=ckpt) as logger:
+        for step in (2, 3):
+            logger.scalars(step, {"loss/total": 1.0})
+        ckpt.commit_hooks[0](3)
+    assert read_metrics(default_uri(out), second)["loss/total"] == [(1, 0.1), (2, 0.2), (3, 1.0)]
 
 
 def test_a_tracker_that_cannot_start_is_one_spec_error(tmp_path, monkeypatch):
