@@ -32,7 +32,7 @@ def test_killed_and_resumed_run_continues_the_same_tracker_runs(tmp_path, assets
     out = tmp_path / "out"
 
     marker = tmp_path / "killed_at"
-    faults = {"kill_at_step": {"rank": 0, "step": 5}, "kill_marker": str(marker), "step_sleep_s": 0.6}
+    faults = {"kill_at_step": {"rank": 0, "step": 5}, "kill_marker": str(marker), "step_sleep_s": 1.0}  # > W&B's 0.5 s flush
     proc = start_launcher(spec, faults=faults, log=tmp_path / "killed.log")
     assert proc.wait(timeout=600) != 0 and marker.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == tag_for(3)

@@ -83,8 +83,12 @@ class Trackers:
             self._send()
 
     def commit(self, step: int) -> None:
-        """A checkpoint of ``step`` is complete: send every row it covers, record ``sent_through``."""
+        """A checkpoint of ``step`` is complete: flush TensorBoard (its writer thread writes events
+        asynchronously; the rows a checkpoint covers are never logged again), send every row the
+        checkpoint covers to the other trackers, record ``sent_through``."""
         self.committed = max(self.committed, step)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         self._send()
 
     def _send(self) -> None:
@@ -171,7 +175,7 @@ def open_trackers(spec: RunSpec, output_dir: str | Path, *, enabled: bool, resum
     if error is not None:
         trackers.close()
         raise SpecError(error)
-    if trackers.remote and checkpoints is not None:
+    if (trackers.remote or trackers.tensorboard is not None) and checkpoints is not None:
         hook = lambda step: trackers.commit(step + step_offset)
         checkpoints.commit_hooks.append(hook)
         trackers._hook = (checkpoints, hook)
