@@ -70,7 +70,7 @@ class WandbTracker:
 
     def record(self) -> dict:
         """What ``trackers.json`` keeps to continue this run."""
-        return {"id": self.run_id, "project": self.run.project, "dir": str(self.dir)}
+        return {"id": self.run_id, "project": self.run.project, "dir": str(self.dir.resolve())}
 
     def log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Each (step, scalars) row as one committed history row with ``step`` = the training step."""
