@@ -60,7 +60,7 @@ def kd_figures(run_dir: Path, teacher: str, heldout: Path, limit: int) -> dict:
     """Loss at the first and last logged step, tokens/s per logging window (the median leaves out the
     first window, which holds the warm-up), and the exported student's agreement report."""
     from mlkd_scale.data.corpus.local_corpus import heldout_sentences
-    from mlkd_scale.engine.tb_logger import read_scalars
+    from mlkd_scale.engine.trackers import read_scalars
     from mlkd_scale.eval.agreement import agreement_report
 
     if not (run_dir / "tensorboard").is_dir():

@@ -43,7 +43,7 @@ from mlkd_scale.engine.faults import (
     poison_nonfinite,
 )
 from mlkd_scale.engine.task.stage import full_state_dict
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 import ckpt_helpers as h

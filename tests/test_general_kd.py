@@ -19,7 +19,7 @@ from run_fixtures import (
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from mlkd_scale.engine.checkpoints.manager import read_complete
-from mlkd_scale.engine.tb_logger import read_scalars, read_texts
+from mlkd_scale.engine.trackers import read_scalars, read_texts
 from mlkd_scale.spec import load_spec, spec_hash
 
 pytestmark = pytest.mark.launcher

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from mlkd_scale.data.corpus.heldout import heldout_texts, is_heldout
 from mlkd_scale.data.corpus.stream import PackedStream
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import SpecError, load_spec
 
 

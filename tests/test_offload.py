@@ -9,7 +9,7 @@ from transformers import AutoModel
 
 from mlkd_scale.engine.checkpoints.manager import read_complete
 from mlkd_scale.engine.schedule import build_optimizer, offloads_optimizer
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import RunSpec, SpecError, TrainSpec
 from mlkd_scale.spec.plan import resolve_plan
 

@@ -35,7 +35,7 @@ from mlkd_scale.engine.checkpoints.reshard import (
     prepare_resume,
 )
 from mlkd_scale.engine.checkpoints.rng_state import capture_rng_state
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))

@@ -29,7 +29,7 @@ from transformers import (
 from mlkd_scale.engine.task.context import evaluate_model_dir
 from mlkd_scale.engine.task.distill import run_task_kd
 from mlkd_scale.engine.task.finetune import run_finetune
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import Features
 from mlkd_scale.spec import LossesSpec, RunSpec, SpecError, load_spec

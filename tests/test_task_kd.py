@@ -27,7 +27,7 @@ from mlkd_scale.engine.task.distill import (
 )
 from mlkd_scale.engine.task.finetune import run_finetune
 from mlkd_scale.engine.task.stage import full_state_dict
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import load_spec
 from mlkd_scale.tasks.glue.table import TASKS, get_task
 from mlkd_scale.tasks.registry import open_task

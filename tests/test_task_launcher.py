@@ -11,7 +11,7 @@ from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.checkpoints.manager import read_complete
 from mlkd_scale.engine.task.context import evaluate_model_dir
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.spec import load_spec
 
 pytestmark = pytest.mark.launcher

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mlkd_scale.engine.tb_logger import TensorBoardLogger, read_scalars, read_texts
+from mlkd_scale.engine.trackers import TensorBoardLogger, read_scalars, read_texts
 
 
 def test_scalars_and_text_round_trip(tmp_path):

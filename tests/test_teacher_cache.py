@@ -42,7 +42,7 @@ from mlkd_scale.engine.task.teacher_cache_store import (
     from_storage,
     to_storage,
 )
-from mlkd_scale.engine.tb_logger import read_scalars
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.spec import SpecError, load_spec

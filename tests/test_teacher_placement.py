@@ -11,8 +11,8 @@ from run_fixtures import REPO, check_ok, child_env, make_spec, run_launcher
 from task_fixtures import make_task_teacher, run_task_launcher, task_spec
 
 from mlkd_scale.engine.task.context import evaluate_model_dir
-from mlkd_scale.engine.tb_logger import read_scalars
 from mlkd_scale.engine.teacher_placement import place_teacher
+from mlkd_scale.engine.trackers import read_scalars
 from mlkd_scale.models import load_teacher
 from mlkd_scale.spec import SpecError, load_spec
 from mlkd_scale.spec.plan import resolve_plan

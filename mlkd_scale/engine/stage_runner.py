@@ -39,7 +39,7 @@ from mlkd_scale.engine.deepspeed_engine import LossFn, Window, optimizer_scalars
 from mlkd_scale.engine.distributed import DistInfo
 from mlkd_scale.engine.epoch_clock import EpochClock
 from mlkd_scale.engine.faults import RunGuard, is_comm_failure
-from mlkd_scale.engine.tb_logger import TensorBoardLogger
+from mlkd_scale.engine.trackers import open_trackers
 from mlkd_scale.errors import CheckpointError
 from mlkd_scale.eval.protocol import Evaluator
 from mlkd_scale.spec import RunSpec, spec_hash
@@ -126,10 +126,9 @@ class StageRunner:
         self.clock = None
         if parts.epoch_examples:
             self.clock = EpochClock(parts.epoch_examples, self.plan.global_batch_size, get_accelerator().synchronize)
-        self.logger = TensorBoardLogger(
-            spec.logging.tensorboard_dir or output_dir / "tensorboard",
-            enabled=dist.is_main,
-            purge_step=parts.step_offset + self.step + 1,
+        self.logger = open_trackers(
+            spec, output_dir, enabled=dist.is_main, resume_step=parts.step_offset + self.step,
+            checkpoints=self.checkpoints, step_offset=parts.step_offset,
         )
         self.logger.text(f"{parts.tag_prefix}spec", "```json\n" + spec.model_dump_json(indent=2) + "\n```")
         self.logger.text(f"{parts.tag_prefix}plan", "```\n" + self.plan.summary() + "\n```")

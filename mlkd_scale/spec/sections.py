@@ -17,6 +17,7 @@ from pydantic import (
 
 from mlkd_scale.spec.fields import StrictModel
 from mlkd_scale.spec.losses import LossesSpec  # noqa: F401 - re-exported for older imports
+from mlkd_scale.spec.trackers import TrackersMixin
 
 
 class StudentSpec(StrictModel):
@@ -222,8 +223,8 @@ class FaultsSpec(StrictModel):
     )
 
 
-class LoggingSpec(StrictModel):
-    """TensorBoard and console logging, rank 0 only."""
+class LoggingSpec(TrackersMixin):
+    """Experiment trackers (report_to: TensorBoard, MLflow, W&B) and console logging, rank 0 only."""
 
     every_n_steps: int = Field(10, ge=1, description="Log scalars every N optimizer steps.")
     tensorboard_dir: str | None = Field(

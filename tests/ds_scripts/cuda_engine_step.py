@@ -23,8 +23,8 @@ import torch
 from common import build_models, make_batch, make_engine, quiet_libraries
 
 from mlkd_scale.engine.distributed import init_distributed
-from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule
 from mlkd_scale.models import FeatureTap
+from mlkd_scale.models.distillation_module import MODEL_INPUTS, DistillationModule
 
 quiet_libraries()
 dist = init_distributed()

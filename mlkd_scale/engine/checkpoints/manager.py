@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,6 +92,7 @@ class CheckpointManager:
         self.world_size = world_size
         self.every_n_steps = every_n_steps  # periodic checkpoints (checkpoint.every_n_steps); None: none
         self._periodic_pending = False  # a periodic checkpoint fell on a step that could not be saved
+        self.commit_hooks: list[Callable[[int], None]] = []  # called with the step once `latest` names it
         if owner is not None:
             claim_folder(self.ckpt_dir, owner, "the checkpoint folder", allow_foreign=True)
 
@@ -165,6 +167,8 @@ class CheckpointManager:
         error = from_rank0(error)  # nobody races ahead (and e.g. exits) while rank 0 is still committing
         if error is not None:
             raise CheckpointError(error)
+        for hook in self.commit_hooks:  # e.g. trackers that log a step only once a checkpoint covers it
+            hook(step)
         return tag_dir
 
     def _prune(self, keep: Path) -> None:
