@@ -31,7 +31,9 @@ import torch
 
 from mlkd_scale.engine.checkpoints.files import atomic_write_text
 from mlkd_scale.engine.distributed import from_rank0
+from mlkd_scale.engine.trackers.mlflow_tracker import MlflowTracker
 from mlkd_scale.engine.trackers.tensorboard import TensorBoardLogger, _to_floats
+from mlkd_scale.engine.trackers.wandb_tracker import WandbTracker
 from mlkd_scale.spec import RunSpec, SpecError
 
 if TYPE_CHECKING:
@@ -183,8 +185,6 @@ def open_trackers(spec: RunSpec, output_dir: str | Path, *, enabled: bool, resum
 
 
 def _open(spec: RunSpec, output_dir: Path, resume_step: int) -> Trackers:
-    from mlkd_scale.engine.trackers.mlflow_tracker import MlflowTracker
-    from mlkd_scale.engine.trackers.wandb_tracker import WandbTracker
 
     names = spec.logging.report_to
     state = read_state(output_dir)
