@@ -45,7 +45,7 @@ def export_variants(
     """Export the fp32 ``h``-head variant of ``student`` for every ``h`` to ONNX, open it in
     onnxruntime and check it against PyTorch; raise if any output differs by more than the
     export's tolerance (the timing would then compare different computations)."""
-    from mlkd_scale.engine import onnx_export as ox
+    from mlkd_scale.engine.export import onnx_export as ox
 
     ox.require_onnx()
     tmp = tempfile.TemporaryDirectory(prefix="inference_heads_onnx_")

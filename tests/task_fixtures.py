@@ -9,7 +9,7 @@ from run_fixtures import save_tiny_bert
 from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 from mlkd_scale.tasks.glue.table import get_task
-from mlkd_scale.tasks.squad.task import squad_task_name
+from mlkd_scale.tasks.squad.names import squad_task_name
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO / "tests" / "assets" / "glue"

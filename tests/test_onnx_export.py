@@ -11,7 +11,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from mlkd_scale import cli
-from mlkd_scale.engine import onnx_export as ox
+from mlkd_scale.engine.export import onnx_export as ox
 from mlkd_scale.errors import ExportError
 
 
