@@ -9,7 +9,15 @@ after warm-up, and the median of the per-pair ratios is printed, so machine nois
     .venv/bin/python benchmarks/objective_overhead.py --pairs 20 --batch 8 --seq 128
     .venv/bin/python benchmarks/objective_overhead.py --compile   # also the objective under torch.compile
 
-``--compile`` adds a third step, the same objective compiled as ``train.compile: objective`` does
+``--baseline DIR`` adds the objective with the loss functions of another checkout (DIR, e.g. a
+``git worktree`` of main: its ``mlkd_scale/losses/relation.py`` and ``feature.py``, everything else
+this tree's) to the same rotation, so a change to the losses is measured against the code before it
+in the same rounds:
+
+    git worktree add /tmp/main-before main
+    .venv/bin/python benchmarks/objective_overhead.py --threads 1 --baseline /tmp/main-before [--padding]
+
+``--compile`` adds a further step, the same objective compiled as ``train.compile: objective`` does
 (``nn.Module.compile`` of the losses and projections; the models stay eager), in the same rotation.
 
 Random weights: only shapes matter for time.
@@ -18,12 +26,17 @@ Random weights: only shapes matter for time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.util
+import os
 import statistics
+from pathlib import Path
 
 import torch
 from common import bare_step, build_models, make_batch, timed_with_cpu
 
+from mlkd_scale.losses.presets import mlkd as mlkd_preset
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.models.teacher import DTYPES
 
@@ -51,7 +64,49 @@ def make_objective_step(t_tap: FeatureTap, s_tap: FeatureTap, objective):
     return step
 
 
-def main() -> None:
+#: The loss functions the mlkd preset calls, by the module that defines them.
+BASELINE_FUNCTIONS = {
+    "relation": ("embedding_relation_loss", "mha_relation_loss", "sample_similarity_loss"),
+    "feature": ("hidden_mse_loss",),
+}
+
+
+def load_baseline(checkout: Path) -> dict:
+    """The mlkd preset's loss functions as another checkout defines them (imported under private names)."""
+    functions = {}
+    for module, names in BASELINE_FUNCTIONS.items():
+        path = checkout / "mlkd_scale" / "losses" / f"{module}.py"
+        if not path.is_file():
+            raise SystemExit(f"--baseline: {path} does not exist; give the root of a mlkd_scale checkout")
+        spec = importlib.util.spec_from_file_location(f"_baseline_{module}", path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        functions.update({name: getattr(loaded, name) for name in names})
+    return functions
+
+
+@contextlib.contextmanager
+def preset_functions(functions: dict):
+    """Run the mlkd preset with ``functions`` in place of its own loss functions, then put them back."""
+    saved = {name: getattr(mlkd_preset, name) for name in functions}
+    for name, function in functions.items():
+        setattr(mlkd_preset, name, function)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(mlkd_preset, name, function)
+
+
+def make_baseline_step(step, functions: dict):
+    def baseline_step(batch):
+        with preset_functions(functions):
+            step(batch)
+
+    return baseline_step
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -65,7 +120,55 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU machine)")
     parser.add_argument("--compile", action="store_true", help="also time the objective under torch.compile")
-    args = parser.parse_args()
+    parser.add_argument("--baseline", type=Path, help="also time the losses of this checkout (before/after)")
+    return parser.parse_args()
+
+
+def measure(steps: dict, batch: dict, trained: list, args, sync) -> dict[str, list[tuple[float, float]]]:
+    """(wall s, process CPU s) of every step in every round; the order rotates round by round."""
+    for _ in range(args.warmup):
+        for fn in steps.values():
+            fn(batch)
+    timed: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(args.pairs):
+        order = names[i % len(names):] + names[: i % len(names)]  # every step takes every position
+        for name in order:
+            timed[name].append(timed_with_cpu(lambda name=name: steps[name](batch), sync))
+        for module in trained:
+            module.zero_grad(set_to_none=True)
+    return timed
+
+
+def paired(timed: dict, name: str, against: str, index: int) -> float:
+    """Median over rounds of step ``name``'s time over step ``against``'s (0 = wall, 1 = CPU time)."""
+    return statistics.median(a[index] / b[index] for a, b in zip(timed[name], timed[against], strict=True))
+
+
+def report(timed: dict, args) -> None:
+    tokens = args.batch * args.seq
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} teacher=BERT-base({args.teacher_dtype}) "
+        f"student=4L-312-{args.student_heads}h batch={args.batch} seq={args.seq} pairs={args.pairs} "
+        f"padding={args.padding} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(f"{'step':<10} {'median s':>9} {'tokens/s':>9} {'CPU s':>7}")
+    for name, values in timed.items():
+        median = statistics.median(wall for wall, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f} {cpu:>7.3f}")
+    for name in timed:
+        if name != "bare":
+            print(f"overhead ratio {name}/bare (median of paired ratios): {paired(timed, name, 'bare', 0):.3f}")
+            cpu = paired(timed, name, "bare", 1)
+            print(f"same ratio in process CPU time (steadier on a busy machine): {cpu:.3f}")
+    if "baseline" in timed:
+        print(f"objective/baseline (paired): wall {paired(timed, 'objective', 'baseline', 0):.3f}, "
+              f"CPU time {paired(timed, 'objective', 'baseline', 1):.3f}")
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.teacher_dtype = args.teacher_dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -79,42 +182,14 @@ def main() -> None:
         "objective": make_objective_step(t_tap, s_tap, objective),
     }
     trained = [student, objective]
+    if args.baseline:
+        steps["baseline"] = make_baseline_step(steps["objective"], load_baseline(args.baseline))
     if args.compile:
         compiled = copy.deepcopy(objective)
         compiled.compile()
         steps["compiled"] = make_objective_step(t_tap, s_tap, compiled)
         trained.append(compiled)
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn(batch)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    ratios: dict[str, list[float]] = {name: [] for name in steps if name != "bare"}
-    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
-    names = list(steps)
-    for i in range(args.pairs):
-        order = names[i % len(names):] + names[: i % len(names)]  # every step takes every position
-        timed = {name: timed_with_cpu(lambda name=name: steps[name](batch), sync) for name in order}
-        for name, (seconds, _) in timed.items():
-            times[name].append(seconds)
-        for name in ratios:
-            ratios[name].append(timed[name][0] / timed["bare"][0])
-            cpu_ratios[name].append(timed[name][1] / timed["bare"][1])
-        for module in trained:
-            module.zero_grad(set_to_none=True)
-    tokens = args.batch * args.seq
-    print(
-        f"device={args.device} threads={torch.get_num_threads()} teacher=BERT-base({args.teacher_dtype}) "
-        f"student=4L-312-{args.student_heads}h batch={args.batch} seq={args.seq} pairs={args.pairs} "
-        f"padding={args.padding}"
-    )
-    print(f"{'step':<10} {'median s':>9} {'tokens/s':>9}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f}")
-    for name in ratios:
-        print(f"overhead ratio {name}/bare (median of paired ratios): {statistics.median(ratios[name]):.3f}")
-        cpu = statistics.median(cpu_ratios[name])
-        print(f"same ratio in process CPU time (steadier on a busy machine): {cpu:.3f}")
+    report(measure(steps, batch, trained, args, sync), args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ The task teacher is the spec's ``teacher.path`` (``outputs/task_quickstart_teach
 ``examples/task_quickstart_teacher.json`` (one process), as the quick-start does. A student whose
 ``student.path`` is missing starts from random weights (the quick-start's fallback); that changes no
 timing. ``--repeats 2`` runs live, cached, cached, live (order alternated against drift).
+
+``--shapes bert-base`` keeps the quick-start's task, data, batches and stages but swaps the models for
+the paper's shapes (``benchmarks/common.py``'s ``bert-base``): a BERT-base-shaped task teacher
+(12 layers / 768 / 12 heads / FFN 3072, random weights with a fresh classification head, saved once
+under ``--out`` with the quick-start's tokenizer) into a random 4-layer / 312 / 12-head / FFN-1200
+student. Only shapes matter for time; there the teacher is most of a live step, as in real task
+distillation, so this is where the cache's speed-up shows.
+
+    .venv/bin/python benchmarks/teacher_cache.py --shapes bert-base --epochs '{"stage1": 3, "stage2": 3}'
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import common
+import torch
 
 REPO = common.REPO
 VARIANTS = {"live": False, "cached": True}
@@ -48,11 +58,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_teacher(spec: dict, out: Path, env: dict[str, str]) -> None:
-    """Fine-tune the quick-start's task teacher when the spec's teacher.path does not exist yet."""
-    teacher = REPO / spec["teacher"]["path"]
-    if (teacher / "config.json").exists():
-        return
+def ensure_inputs(out: Path, env: dict[str, str]) -> None:
+    """The quick-start's toy SST-2 data and its pre-trained encoder (the tokenizer's source), if missing."""
     inputs = (
         ("data/task_quickstart/SST-2/train.tsv", ["-m", "mlkd_scale.tasks.glue.toy", "data/task_quickstart/SST-2"]),
         ("data/quickstart/teacher/config.json",
@@ -62,9 +69,44 @@ def ensure_teacher(spec: dict, out: Path, env: dict[str, str]) -> None:
         if not (REPO / marker).exists():
             print(f"making {Path(marker).parent}", flush=True)
             common.run_quietly([sys.executable, *cmd], out / f"{Path(marker).parent.name}.log", env)
+
+
+def ensure_teacher(spec: dict, out: Path, env: dict[str, str]) -> None:
+    """Fine-tune the quick-start's task teacher when the spec's teacher.path does not exist yet."""
+    teacher = REPO / spec["teacher"]["path"]
+    if (teacher / "config.json").exists():
+        return
+    ensure_inputs(out, env)
     print(f"fine-tuning the task teacher {teacher} (examples/task_quickstart_teacher.json)", flush=True)
     cmd = [sys.executable, "launchers/finetune_teacher.py", "--spec", "examples/task_quickstart_teacher.json"]
     common.run_quietly(cmd, out / "finetune_teacher.log", env)
+
+
+def bert_base_teacher(out: Path) -> Path:
+    """A random BERT-base-shaped SST-2 teacher (two labels) with the quick-start's tokenizer, made once."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = out / "bert_base_teacher"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        config = common.teacher_config("bert-base")
+        config.num_labels = 2
+        BertForSequenceClassification(config).save_pretrained(path)
+        AutoTokenizer.from_pretrained(REPO / "data/quickstart/teacher").save_pretrained(path)
+    return path
+
+
+def apply_shapes(base: dict, shapes: str, out: Path) -> dict:
+    """The benchmark's spec for ``shapes``: the quick-start's as is, or its models swapped for bert-base's."""
+    if shapes == "quickstart":
+        return base
+    spec = json.loads(json.dumps(base))
+    spec["teacher"]["path"] = str(bert_base_teacher(out))
+    student = common.student_spec("bert-base", 12)
+    spec["student"] = {"num_layers": student.num_layers, "hidden_size": student.hidden_size,
+                       "num_heads": student.num_heads, "intermediate_size": student.intermediate_size,
+                       "init": "random"}
+    return spec
 
 
 def variant_spec(base: dict, cache: bool, run_dir: Path) -> dict:
@@ -143,26 +185,32 @@ def table(summary: dict, runs: dict[str, list[dict]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", type=Path, default=REPO / "examples/task_quickstart.json")
+    p.add_argument("--shapes", choices=("quickstart", "bert-base"), default="quickstart",
+                   help="the quick-start's models, or a BERT-base-shaped teacher into a 4L-312 student")
     p.add_argument("--ranks", type=int, default=2, help="processes (deepspeed --num_gpus); 1 = plain python")
     p.add_argument("--repeats", type=int, default=1, help="runs per variant, the order alternated")
     p.add_argument("--epochs", type=json.loads, default={},
                    help='JSON epochs per stage over the spec\'s, e.g. \'{"stage1": 3, "stage2": 3}\'')
-    p.add_argument("--out", type=Path, default=REPO / "outputs/bench_teacher_cache")
+    p.add_argument("--out", type=Path, help="default outputs/bench_teacher_cache/<shapes>")
     p.add_argument("--json", type=Path, help="write the runs, the summary and the machine here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = args.out.resolve()
+    args.out = (args.out or REPO / "outputs/bench_teacher_cache" / args.shapes).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     env = common.python_env(1)  # one thread per rank, as the quick-start scripts set on CPU
     base = json.loads(args.spec.read_text())
     for stage, epochs in args.epochs.items():
         base["task"][stage] = {**base["task"][stage], "epochs": epochs, "max_steps": None}
-    ensure_teacher(base, args.out, env)
+    if args.shapes == "quickstart":
+        ensure_teacher(base, args.out, env)
+    else:
+        ensure_inputs(args.out, env)
+    base = apply_shapes(base, args.shapes, args.out)
     facts = common.machine_facts("cpu" if env.get("DS_ACCELERATOR") == "cpu" else "cuda")
-    print(common.format_facts(facts), flush=True)
+    print(f"shapes={args.shapes} | {common.format_facts(facts)}", flush=True)
     order = [name for i in range(args.repeats) for name in (("live", "cached") if i % 2 == 0 else ("cached", "live"))]
     runs: dict[str, list[dict]] = {"live": [], "cached": []}
     for i, name in enumerate(order):
@@ -171,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
     print(table(summary, runs))
     if args.json:
-        report = {"machine": facts, "spec": str(args.spec), "ranks": args.ranks, "order": order,
+        report = {"machine": facts, "spec": str(args.spec), "shapes": args.shapes, "ranks": args.ranks, "order": order,
                   "runs": runs, "summary": summary}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -280,6 +280,26 @@ def test_objective_overhead_uses_the_shared_pieces():
     assert objective_overhead.timed_with_cpu is common.timed_with_cpu
 
 
+def test_objective_overhead_baseline_swaps_the_loss_functions_and_puts_them_back(tmp_path):
+    """--baseline runs the mlkd preset with another checkout's loss functions, then restores its own."""
+    import objective_overhead as oo
+
+    from mlkd_scale.losses.presets import mlkd
+
+    functions = oo.load_baseline(REPO)
+    assert set(functions) == {n for names in oo.BASELINE_FUNCTIONS.values() for n in names}
+    assert functions["mha_relation_loss"] is not mlkd.mha_relation_loss  # a separate import
+    own = mlkd.mha_relation_loss
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 6, generator=g)
+    with oo.preset_functions(functions):
+        assert mlkd.mha_relation_loss is functions["mha_relation_loss"]
+        assert mlkd.mha_relation_loss(t, s, None, 3).item() == pytest.approx(own(t, s, None, 3).item())
+    assert mlkd.mha_relation_loss is own
+    with pytest.raises(SystemExit, match="mlkd_scale checkout"):
+        oo.load_baseline(tmp_path)
+
+
 def test_objective_overhead_script_with_the_compiled_objective(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "objective_overhead.py"), "--batch", "1", "--seq", "16",
            "--pairs", "3", "--warmup", "1", "--padding", "--compile", "--threads", "1"]

@@ -20,73 +20,97 @@ from mlkd_scale.losses.numerics import fp32_loss
 _MASKED = -1e9
 
 
+def _split_rows(x: torch.Tensor, num_splits: int) -> torch.Tensor:
+    """[B, L, d] → [B·A, L, d/A] in fp32, contiguous: the vectors of each of A contiguous feature groups."""
+    batch, length, width = x.shape
+    if width % num_splits:
+        raise ValueError(f"a width of {width} cannot be cut into {num_splits} equal splits")
+    split_width = width // num_splits
+    xs = x.float().reshape(batch, length, num_splits, split_width).transpose(1, 2)
+    return xs.reshape(batch * num_splits, length, split_width)
+
+
+def _key_bias(attention_mask: torch.Tensor | None, num_splits: int) -> torch.Tensor | None:
+    """[B, L] mask → [B·A, 1, L]: ``_MASKED`` on padded keys, 0 elsewhere (None without a mask)."""
+    if attention_mask is None:
+        return None
+    bias = (attention_mask == 0).to(torch.float32) * _MASKED
+    return bias[:, None, None, :].expand(-1, num_splits, 1, -1).reshape(-1, 1, bias.shape[-1])
+
+
+def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    """[N, L, w] → [N, L, L] = rows rowsᵀ / √w (+ the key bias): one fused batched product."""
+    scale = rows.shape[-1] ** -0.5
+    if key_bias is None:
+        return torch.bmm(rows, rows.mT).mul_(scale)
+    return torch.baddbmm(key_bias, rows, rows.mT, alpha=scale)
+
+
 def split_relation_logits(
     x: torch.Tensor, num_splits: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """[B, L, d] → [B, A, L, L]: scaled dot products within each of A contiguous feature groups.
 
     attention_mask [B, L] (1 = real token): padded keys get ``_MASKED`` added to their column.
+    The losses below compute the same logits inside :class:`_RelationKL`; this is the plain form.
     """
-    batch, length, width = x.shape
-    if width % num_splits:
-        raise ValueError(f"a width of {width} cannot be cut into {num_splits} equal splits")
-    split_width = width // num_splits
-    xs = x.float().reshape(batch, length, num_splits, split_width).transpose(1, 2)
-    # Scale the [.., L, d/A] operand rather than the [.., L, L] product: fewer elements to touch.
-    logits = torch.matmul(xs * split_width**-0.5, xs.transpose(-1, -2))
-    if attention_mask is not None:
-        # In place on the fresh product: no second [B, A, L, L] tensor, and the backward of adding a
-        # constant passes the gradient through untouched (a masked_fill would mask it again).
-        padded_keys = attention_mask[:, None, None, :] == 0
-        logits.add_(padded_keys.to(logits.dtype) * _MASKED)
-    return logits
+    batch, length, _ = x.shape
+    logits = _relation_logits(_split_rows(x, num_splits), _key_bias(attention_mask, num_splits))
+    return logits.reshape(batch, num_splits, length, length)
 
 
-class _WeightedRowKL(torch.autograd.Function):
-    """Σ_rows w_row · KL(softmax(t_row) ‖ softmax(s_row)) with a hand-written backward.
+class _RelationKL(torch.autograd.Function):
+    """Σ_rows w_row · KL(softmax(T_row) ‖ softmax(S_row)), T and S the relation logits of two row sets.
 
-    Forward: KL_row = Σ_j p_j (log p_j − log q_j), p = softmax(t_row), q = softmax(s_row).
-    Backward: ∂loss/∂s_row = g · w_row · (q − p); the teacher side gets no gradient.
-    Saving p and log q and writing the backward as one expression takes about a fifth less time than
-    autograd's graph of the same formula (fewer passes over each [B, A, L, L] tensor), and summing
-    p·(log p − log q) term by term avoids the cancellation of Σ p log p + logsumexp(s) − Σ p·s.
+    Inputs: the teacher's and the student's split vectors [N, L, w_T] and [N, L, w_S] (N = B·A),
+    the padded keys' bias [N, 1, L] or None, and the row weights (broadcastable to [N, L]).
+    Forward: T = t tᵀ/√w_T + bias, S = s sᵀ/√w_S + bias (one ``baddbmm`` each, no scaled copy of
+    the operands), KL_row = Σ_j p_j (log p_j − log q_j) term by term (no cancellation).
+    Backward, written by hand: ∂loss/∂S = g·w_row·(q − p) (as Σ_j p_j = 1), and since S is symmetric in s,
+    ∂loss/∂s = (G + Gᵀ) s /√w_S with G that gradient: two products straight from the saved
+    [N, L, L] buffer (autograd's graph of the same formula keeps a scaled copy of s, re-lays out
+    both operands of the 4-D matmul and reduces over expanded dims). The teacher gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, t_logits: torch.Tensor, s_logits: torch.Tensor, row_weights: torch.Tensor):
-        t_logp = F.log_softmax(t_logits, dim=-1)
+    def forward(ctx, t_rows, s_rows, key_bias, row_weights):
+        t_logp = F.log_softmax(_relation_logits(t_rows, key_bias), dim=-1)
         t_prob = t_logp.exp()
-        s_logq = F.log_softmax(s_logits, dim=-1)
-        row_kl = (t_prob * t_logp.sub_(s_logq)).sum(-1)
-        ctx.save_for_backward(t_prob, s_logq, row_weights)
+        s_logq = F.log_softmax(_relation_logits(s_rows, key_bias), dim=-1)
+        row_kl = t_logp.sub_(s_logq).mul_(t_prob).sum(-1)  # in place: no third [N, L, L] buffer
+        ctx.save_for_backward(t_prob, s_logq, s_rows, row_weights)
         return (row_kl * row_weights).sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        t_prob, s_logq, row_weights = ctx.saved_tensors
-        return None, s_logq.exp().sub_(t_prob).mul_((grad * row_weights).unsqueeze(-1)), None
+        t_prob, s_logq, s_rows, row_weights = ctx.saved_tensors
+        factor = (grad * s_rows.shape[-1] ** -0.5 * row_weights).unsqueeze(-1)
+        # dS = c·(q − p) with c = g·w_row/√w_S, as log_softmax's own fused backward of the upstream
+        # gradient −c·p: one pass that recomputes q = exp(log q) row by row in cache.
+        d_logits = torch._log_softmax_backward_data(t_prob.mul_(-factor), s_logq, -1, torch.float32)
+        d_rows = torch.bmm(d_logits, s_rows)
+        return None, d_rows.baddbmm_(d_logits.mT, s_rows), None, None
 
 
-@fp32_loss
-def relation_kl(
-    t_logits: torch.Tensor, s_logits: torch.Tensor, attention_mask: torch.Tensor | None = None
+def _relation_loss(
+    t_x: torch.Tensor, s_x: torch.Tensor, num_splits: int, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mean over real query rows (and splits) of KL(softmax(t_row) ‖ softmax(s_row)).
+    """Mean over real query rows (and splits) of KL(teacher relation row ‖ student relation row).
 
-    t_logits, s_logits: [B, A, L, L] relation logits whose padded keys are already masked
-    (:func:`split_relation_logits` with the mask); attention_mask: [B, L], 1 = real token, selects
-    the query rows averaged over. The teacher side carries no gradient.
-    loss = (1 / (A · #real rows)) Σ_{b, a, real i} Σ_j p_j (log p_j − log q_j),
-    p = softmax(t_{b,a,i}), q = softmax(s_{b,a,i}).
+    t_x [B, L, dT], s_x [B, L, dS] (the relation of each split is over the L axis); attention_mask
+    [B, L], 1 = real token: padded keys are masked out of every row and padded query rows get
+    weight 0. loss = (1 / (A · #real rows)) Σ_{b, a, real i} KL(R^T_{b,a,i} ‖ R^S_{b,a,i}).
     """
-    batch, splits, length, _ = s_logits.shape
+    batch, length, _ = s_x.shape
+    t_rows, s_rows = _split_rows(t_x.detach(), num_splits), _split_rows(s_x, num_splits)
     if attention_mask is None:
-        row_weights = torch.full((1, 1, 1), 1.0 / (batch * splits * length), device=s_logits.device)
+        row_weights = torch.full((1, 1), 1.0 / (batch * num_splits * length), device=s_x.device)
     else:
-        rows = attention_mask.to(torch.float32)[:, None, :]
-        row_weights = rows / (rows.sum() * splits)
-    return _WeightedRowKL.apply(t_logits.detach(), s_logits, row_weights)
+        rows = attention_mask.to(torch.float32)
+        rows = rows / (rows.sum() * num_splits)
+        row_weights = rows[:, None, :].expand(-1, num_splits, -1).reshape(batch * num_splits, length)
+    return _RelationKL.apply(t_rows, s_rows, _key_bias(attention_mask, num_splits), row_weights)
 
 
 @fp32_loss
@@ -99,11 +123,7 @@ def embedding_relation_loss(
     R^T = softmax(E^T E^Tᵀ/√dT), R^S = softmax(E^S E^Sᵀ/√dS) per sequence, padded keys masked;
     L_EMB = (1/#real rows) Σ_{b, real i} KL(R^T_{b,i} ‖ R^S_{b,i}).
     """
-    return relation_kl(
-        split_relation_logits(t_emb, 1, attention_mask),
-        split_relation_logits(s_emb, 1, attention_mask),
-        attention_mask,
-    )
+    return _relation_loss(t_emb, s_emb, 1, attention_mask)
 
 
 @fp32_loss
@@ -119,11 +139,7 @@ def mha_relation_loss(
     loss = (1/(A·#real rows)) Σ_a Σ_{b, real i} KL(R^T_{a,b,i} ‖ R^S_{a,b,i}).
     The objective sums this over mapped layer pairs (no 1/N, as in the paper).
     """
-    return relation_kl(
-        split_relation_logits(t_ctx, num_splits, attention_mask),
-        split_relation_logits(s_ctx, num_splits, attention_mask),
-        attention_mask,
-    )
+    return _relation_loss(t_ctx, s_ctx, num_splits, attention_mask)
 
 
 @fp32_loss
@@ -139,4 +155,4 @@ def sample_similarity_loss(t_cls: torch.Tensor, s_cls: torch.Tensor) -> torch.Te
     with the world size. Gradient accumulation does not widen B: each micro step is its own relation
     and the steps' losses are averaged.
     """
-    return relation_kl(split_relation_logits(t_cls[None], 1), split_relation_logits(s_cls[None], 1))
+    return _relation_loss(t_cls[None], s_cls[None], 1, None)
