@@ -15,6 +15,7 @@ would lose what it logged last; :data:`FLUSH_INTERVAL_S` makes that window half 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -43,6 +44,10 @@ class WandbTracker:
         self.dir = Path(settings.dir or output_dir)
         self.run_id = (recorded or {}).get("id") or secrets.token_hex(4)
         self.resumed = bool(recorded)
+        # A wandb-core service inherited through WANDB_SERVICE (from a notebook or a test session that
+        # ran W&B) outlives a killed launch and keeps its run id "in use", so the resume could not reopen
+        # the run: every launch starts a service of its own, which dies with it.
+        os.environ.pop("WANDB_SERVICE", None)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
