@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_taps import tapped_layer_2_beside_eager
 from tiny_models import tiny_batch, tiny_teacher
 
 from mlkd_scale.models import FeatureTap, TapRequest, load_teacher
-from mlkd_scale.models.selective_attention import SELECTIVE_ATTENTION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,19 +63,8 @@ def test_bf16_teacher_forward_matches_fp32(tmp_path, device):
 def test_selective_attention_beside_sdpa(device, dtype):
     """A tapped layer returns eager attention's maps; the others run SDPA on the device."""
     model, reference = tiny_teacher().to(device, dtype), tiny_teacher().to(device, dtype)
-    reference.set_attn_implementation("eager")
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
-    seen = {}
-    handles = [layer.attention.self.register_forward_hook(lambda _m, _a, out, n=n: seen.__setitem__(n, out[1]))
-               for n, layer in enumerate(model.encoder.layer, start=1)]
-    request = TapRequest(attention_layers=frozenset({2}), hidden_layers=frozenset({4}))
-    with torch.no_grad(), FeatureTap(model, request) as tap:
-        assert model.config._attn_implementation == SELECTIVE_ATTENTION
-        feats = tap(**batch)
-        ref = reference(**batch, output_attentions=True, output_hidden_states=True)
-    for handle in handles:
-        handle.remove()
-    assert [n for n, weights in sorted(seen.items()) if weights is not None] == [2]
+    feats, ref = tapped_layer_2_beside_eager(model, reference, batch)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(feats.attentions[2], ref.attentions[1], rtol=tol, atol=tol)
     torch.testing.assert_close(feats.attentions[2].float().sum(-1), torch.ones(4, 12, 12, device=device),

@@ -61,11 +61,10 @@ def _every_layer_attention(model):
     return seen, handles
 
 
-def test_attention_maps_only_in_requested_layers_equal_eager_ones():
-    """An SDPA model gives eager's probabilities in the tapped layer; the other layers stay SDPA."""
-    model, reference = tiny_teacher(), tiny_teacher()
+def tapped_layer_2_beside_eager(model, reference, batch):
+    """Features of ``model`` tapped for layer 2's attention maps and layer 4's states, and ``reference``'s
+    eager outputs; asserts that only layer 2 computed maps (the others ran SDPA)."""
     reference.set_attn_implementation("eager")
-    batch = tiny_batch()
     seen, handles = _every_layer_attention(model)
     request = TapRequest(attention_layers=frozenset({2}), hidden_layers=frozenset({4}))
     with torch.no_grad(), FeatureTap(model, request) as tap:
@@ -75,6 +74,13 @@ def test_attention_maps_only_in_requested_layers_equal_eager_ones():
     for handle in handles:
         handle.remove()
     assert [n for n, weights in sorted(seen.items()) if weights is not None] == [2]
+    return feats, ref
+
+
+def test_attention_maps_only_in_requested_layers_equal_eager_ones():
+    """An SDPA model gives eager's probabilities in the tapped layer; the other layers stay SDPA."""
+    model = tiny_teacher()
+    feats, ref = tapped_layer_2_beside_eager(model, tiny_teacher(), tiny_batch())
     torch.testing.assert_close(feats.attentions[2], ref.attentions[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(feats.hidden[4], ref.hidden_states[4], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(feats.attentions[2].sum(-1), torch.ones(4, 12, 12))
