@@ -5,6 +5,7 @@ import reference_losses as ref
 import torch
 
 from mlkd_scale.losses import (
+    relation,
     embedding_relation_loss,
     hidden_mse_loss,
     mha_relation_loss,
@@ -128,13 +129,18 @@ def test_gradients_reach_the_student_never_the_teacher(batch):
     assert torch.all(s.grad[mask == 0] == 0), "padded positions must not receive gradient"
 
 
+@pytest.mark.parametrize("rows_per_chunk", [None, 2])
 @pytest.mark.parametrize("masked", [True, False])
-def test_relation_gradient_equals_autograd_of_the_plain_formula(batch, masked):
-    """The relation KL's hand-written backward against autograd of the textbook formula, in float64."""
+def test_relation_gradient_equals_autograd_of_the_plain_formula(batch, masked, rows_per_chunk, monkeypatch):
+    """The relation KL's value and hand-written gradient against autograd of the textbook formula, in
+    float64: all B·A = 9 relations in one chunk, and in chunks of 2 (the last one shorter)."""
+    if rows_per_chunk:
+        monkeypatch.setitem(relation.CHUNK_BYTES, "cpu", rows_per_chunk * 4 * L * L)
     t, s, mask = batch
     mask = mask if masked else None
     s = s.clone().requires_grad_(True)
-    mha_relation_loss(t, s, mask, 3).backward()
+    loss = mha_relation_loss(t, s, mask, 3)
+    loss.backward()
 
     def log_relation(x):
         xs = x.double().reshape(B, L, 3, -1).transpose(1, 2)
@@ -147,8 +153,20 @@ def test_relation_gradient_equals_autograd_of_the_plain_formula(batch, masked):
     log_p, log_q = log_relation(t), log_relation(s64)
     rows = (mask if mask is not None else torch.ones(B, L)).double()[:, None, :]
     per_row = (log_p.exp() * (log_p - log_q)).sum(-1)
-    ((per_row * rows).sum() / (rows.sum() * 3)).backward()
+    reference = (per_row * rows).sum() / (rows.sum() * 3)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_relation_keeps_no_length_squared_buffer_for_the_backward(batch):
+    """The relation KL saves only its gradient with respect to the student's split vectors ([B·A, L, d/A],
+    the student input's size) for the backward, never an [B·A, L, L] probability buffer."""
+    t, s, mask = batch
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        mha_relation_loss(t, s.clone().requires_grad_(True), mask, 3)
+    assert saved == [torch.Size([B * 3, L, DS // 3])]
 
 
 def test_bf16_inputs_give_the_fp32_answer(batch):

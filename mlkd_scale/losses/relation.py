@@ -46,17 +46,18 @@ def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch
     return torch.baddbmm(key_bias, rows, rows.mT, alpha=scale)
 
 
-def split_relation_logits(
-    x: torch.Tensor, num_splits: int, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[B, L, d] → [B, A, L, L]: scaled dot products within each of A contiguous feature groups.
+#: How many bytes of one [rows, L, L] fp32 buffer the relation KL handles at once. On a CPU the
+#: logits, log-probabilities and probabilities of a chunk then stay in a core's L2 cache through every
+#: elementwise pass, where the whole [B·A, L, L] tensors (6 MiB each at batch 8, length 128, 12 splits)
+#: would go out to memory on each (``benchmarks/objective_parts.py``: the relation losses of a step
+#: 12 % faster; under ``train.compile: objective`` inductor fuses each chunk's passes). A GPU takes up
+#: to 64 MiB per buffer, a few large kernels; the chunks bound the transient memory there.
+CHUNK_BYTES = {"cpu": 512 * 2**10, "gpu": 64 * 2**20}
 
-    attention_mask [B, L] (1 = real token): padded keys get ``_MASKED`` added to their column.
-    The losses below compute the same logits inside :class:`_RelationKL`; this is the plain form.
-    """
-    batch, length, _ = x.shape
-    logits = _relation_logits(_split_rows(x, num_splits), _key_bias(attention_mask, num_splits))
-    return logits.reshape(batch, num_splits, length, length)
+
+def _rows_per_chunk(length: int, device: torch.device) -> int:
+    budget = CHUNK_BYTES["cpu" if device.type == "cpu" else "gpu"]
+    return max(1, budget // (4 * length * length))
 
 
 class _RelationKL(torch.autograd.Function):
@@ -64,33 +65,43 @@ class _RelationKL(torch.autograd.Function):
 
     Inputs: the teacher's and the student's split vectors [N, L, w_T] and [N, L, w_S] (N = B·A),
     the padded keys' bias [N, 1, L] or None, and the row weights (broadcastable to [N, L]).
-    Forward: T = t tᵀ/√w_T + bias, S = s sᵀ/√w_S + bias (one ``baddbmm`` each, no scaled copy of
-    the operands), KL_row = Σ_j p_j (log p_j − log q_j) term by term (no cancellation).
-    Backward, written by hand: ∂loss/∂S = g·w_row·(q − p) (as Σ_j p_j = 1), and since S is symmetric in s,
-    ∂loss/∂s = (G + Gᵀ) s /√w_S with G that gradient: two products straight from the saved
-    [N, L, L] buffer (autograd's graph of the same formula keeps a scaled copy of s, re-lays out
-    both operands of the 4-D matmul and reduces over expanded dims). The teacher gets no gradient.
+    Per chunk of the N relations (:data:`CHUNK_BYTES`): T = t tᵀ/√w_T + bias, S = s sᵀ/√w_S + bias
+    (one ``baddbmm`` each, no scaled copy of the operands), KL_row = Σ_j p_j (log p_j − log q_j) term
+    by term (no cancellation). The gradient is computed in the same pass, while the chunk's p and q
+    are in cache: ∂loss/∂S = w_row·(q − p) (as Σ_j p_j = 1), and since S is symmetric in s,
+    ∂loss/∂s = (G + Gᵀ) s /√w_S with G that gradient. Only ∂loss/∂s ([N, L, w_S], the student
+    input's size) is kept for the backward, which scales it by the incoming gradient; no [N, L, L]
+    buffer outlives the forward. Without a gradient to compute (evaluation) that part is skipped.
+    The teacher gets no gradient.
     """
 
     @staticmethod
     def forward(ctx, t_rows, s_rows, key_bias, row_weights):
-        t_logp = F.log_softmax(_relation_logits(t_rows, key_bias), dim=-1)
-        t_prob = t_logp.exp()
-        s_logq = F.log_softmax(_relation_logits(s_rows, key_bias), dim=-1)
-        row_kl = t_logp.sub_(s_logq).mul_(t_prob).sum(-1)  # in place: no third [N, L, L] buffer
-        ctx.save_for_backward(t_prob, s_logq, s_rows, row_weights)
+        count, length, width = s_rows.shape
+        row_weights = row_weights.expand(count, length)
+        grad_rows = torch.empty_like(s_rows) if ctx.needs_input_grad[1] else None
+        row_kl = s_rows.new_empty(count, length)
+        step = _rows_per_chunk(length, s_rows.device)
+        for start in range(0, count, step):
+            part = slice(start, start + step)
+            bias = None if key_bias is None else key_bias[part]
+            log_p = F.log_softmax(_relation_logits(t_rows[part], bias), dim=-1)
+            p = log_p.exp()
+            log_q = F.log_softmax(_relation_logits(s_rows[part], bias), dim=-1)
+            row_kl[part] = torch.linalg.vecdot(log_p.sub_(log_q), p)  # in place: no third buffer
+            if grad_rows is not None:
+                d_logits = log_q.exp_().sub_(p).mul_(row_weights[part, :, None])  # w_row·(q − p)
+                rows = s_rows[part]
+                torch.bmm(d_logits, rows, out=grad_rows[part])
+                grad_rows[part].baddbmm_(d_logits.mT, rows).mul_(width**-0.5)
+        ctx.save_for_backward(grad_rows)
         return (row_kl * row_weights).sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        t_prob, s_logq, s_rows, row_weights = ctx.saved_tensors
-        factor = (grad * s_rows.shape[-1] ** -0.5 * row_weights).unsqueeze(-1)
-        # dS = c·(q − p) with c = g·w_row/√w_S, as log_softmax's own fused backward of the upstream
-        # gradient −c·p: one pass that recomputes q = exp(log q) row by row in cache.
-        d_logits = torch._log_softmax_backward_data(t_prob.mul_(-factor), s_logq, -1, torch.float32)
-        d_rows = torch.bmm(d_logits, s_rows)
-        return None, d_rows.baddbmm_(d_logits.mT, s_rows), None, None
+        (grad_rows,) = ctx.saved_tensors
+        return None, grad_rows * grad, None, None
 
 
 def _relation_loss(
