@@ -140,9 +140,14 @@ def measure(steps: dict, batch: dict, trained: list, args, sync) -> dict[str, li
     return timed
 
 
-def paired(timed: dict, name: str, against: str, index: int) -> float:
-    """Median over rounds of step ``name``'s time over step ``against``'s (0 = wall, 1 = CPU time)."""
-    return statistics.median(a[index] / b[index] for a, b in zip(timed[name], timed[against], strict=True))
+def paired(timed: dict, name: str, against: str, index: int) -> str:
+    """Median over rounds of step ``name``'s time over step ``against``'s (0 = wall, 1 = CPU time), and
+    the rounds' interquartile range: how far one round's ratio moves on this machine."""
+    ratios = [a[index] / b[index] for a, b in zip(timed[name], timed[against], strict=True)]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.3f}"
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f})"
 
 
 def report(timed: dict, args) -> None:
@@ -159,12 +164,11 @@ def report(timed: dict, args) -> None:
         print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f} {cpu:>7.3f}")
     for name in timed:
         if name != "bare":
-            print(f"overhead ratio {name}/bare (median of paired ratios): {paired(timed, name, 'bare', 0):.3f}")
-            cpu = paired(timed, name, "bare", 1)
-            print(f"same ratio in process CPU time (steadier on a busy machine): {cpu:.3f}")
+            print(f"overhead ratio {name}/bare (median of paired ratios): {paired(timed, name, 'bare', 0)}")
+            print(f"same ratio in process CPU time (steadier on a busy machine): {paired(timed, name, 'bare', 1)}")
     if "baseline" in timed:
-        print(f"objective/baseline (paired): wall {paired(timed, 'objective', 'baseline', 0):.3f}, "
-              f"CPU time {paired(timed, 'objective', 'baseline', 1):.3f}")
+        print(f"objective/baseline (paired): wall {paired(timed, 'objective', 'baseline', 0)}, "
+              f"CPU time {paired(timed, 'objective', 'baseline', 1)}")
 
 
 def main() -> None:
