@@ -5,11 +5,11 @@ import reference_losses as ref
 import torch
 
 from mlkd_scale.losses import (
-    relation,
     embedding_relation_loss,
     hidden_mse_loss,
     mha_relation_loss,
     prediction_kd_loss,
+    relation,
     sample_contrastive_loss,
     sample_similarity_loss,
 )

@@ -49,9 +49,9 @@ def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch
 #: How many bytes of one [rows, L, L] fp32 buffer the relation KL handles at once. On a CPU the
 #: logits, log-probabilities and probabilities of a chunk then stay in a core's L2 cache through every
 #: elementwise pass, where the whole [B·A, L, L] tensors (6 MiB each at batch 8, length 128, 12 splits)
-#: would go out to memory on each (``benchmarks/objective_parts.py``: the whole objective 3–7 % faster
-#: on CPU; under ``train.compile: objective`` inductor fuses each chunk's passes). A GPU takes up to
-#: 64 MiB per buffer, a few large kernels; the chunks bound the transient memory there.
+#: would go out to memory on each (figures in docs/performance.md; under ``train.compile: objective``
+#: inductor fuses each chunk's passes). A GPU takes up to 64 MiB per buffer, a few large kernels; the
+#: chunks bound the transient memory there.
 CHUNK_BYTES = {"cpu": 512 * 2**10, "gpu": 64 * 2**20}
 
 
@@ -91,9 +91,8 @@ class _RelationKL(torch.autograd.Function):
             row_kl[part] = torch.linalg.vecdot(log_p.sub_(log_q), p)  # in place: no third buffer
             if grad_rows is not None:
                 d_logits = log_q.exp_().sub_(p).mul_(row_weights[part, :, None])  # w_row·(q − p)
-                rows = s_rows[part]
-                torch.bmm(d_logits, rows, out=grad_rows[part])
-                grad_rows[part].baddbmm_(d_logits.mT, rows).mul_(width**-0.5)
+                rows, grad_part = s_rows[part], grad_rows[part]
+                torch.bmm(d_logits, rows, out=grad_part).baddbmm_(d_logits.mT, rows).mul_(width**-0.5)
         ctx.save_for_backward(grad_rows)
         return (row_kl * row_weights).sum()
 
