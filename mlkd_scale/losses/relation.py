@@ -10,7 +10,6 @@ computed in fp32 whatever the input dtype (KL in bf16 is badly wrong).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from mlkd_scale.losses.numerics import fp32_loss
@@ -60,19 +59,32 @@ def _rows_per_chunk(length: int, device: torch.device) -> int:
     return max(1, budget // (4 * length * length))
 
 
+def _log_sum_exp_gap(t_logits, p, s_logits, q) -> torch.Tensor:
+    """Each row's lse(T) − lse(S) (lse = log Σ_j exp), given the logits and their softmaxes p and q.
+
+    As p_j = exp(T_j − lse(T)), a row's largest logit has its largest probability (≥ 1/L, no underflow),
+    so lse(T) = max T − log max p without another pass of exp over the row. The maxima are subtracted
+    before the logs: near convergence T ≈ S and the gap is tiny beside lse itself (≈ max T).
+    """
+    return (t_logits.amax(-1) - s_logits.amax(-1)).sub_(p.amax(-1).div_(q.amax(-1)).log_())
+
+
 class _RelationKL(torch.autograd.Function):
     """Σ_rows w_row · KL(softmax(T_row) ‖ softmax(S_row)), T and S the relation logits of two row sets.
 
     Inputs: the teacher's and the student's split vectors [N, L, w_T] and [N, L, w_S] (N = B·A),
     the padded keys' bias [N, 1, L] or None, and the row weights (broadcastable to [N, L]).
     Per chunk of the N relations (:data:`CHUNK_BYTES`): T = t tᵀ/√w_T + bias, S = s sᵀ/√w_S + bias
-    (one ``baddbmm`` each, no scaled copy of the operands), KL_row = Σ_j p_j (log p_j − log q_j) term
-    by term (no cancellation). The gradient is computed in the same pass, while the chunk's p and q
-    are in cache: ∂loss/∂S = w_row·(q − p) (as Σ_j p_j = 1), and since S is symmetric in s,
-    ∂loss/∂s = (G + Gᵀ) s /√w_S with G that gradient. Only ∂loss/∂s ([N, L, w_S], the student
-    input's size) is kept for the backward, which scales it by the incoming gradient; no [N, L, L]
-    buffer outlives the forward. Without a gradient to compute (evaluation) that part is skipped.
-    The teacher gets no gradient.
+    (one ``baddbmm`` each, no scaled copy of the operands), p = softmax(T), q = softmax(S), and
+    KL_row = Σ_j p_j (log p_j − log q_j) term by term (no cancellation between large sums), with
+    log p_j − log q_j = (T_j − S_j) − (lse_T − lse_S) and each row's log-sum-exp read off its softmax
+    (:func:`_log_sum_exp_gap`): two softmax passes are the only exponentials per element (a standalone
+    ``exp`` costs as much as a whole fused softmax on a CPU). The gradient is computed in the same
+    pass, while the chunk's p and q are in cache: ∂loss/∂S = w_row·(q − p) (as Σ_j p_j = 1), and
+    since S is symmetric in s, ∂loss/∂s = (G + Gᵀ) s /√w_S with G that gradient. Only ∂loss/∂s
+    ([N, L, w_S], the student input's size) is kept for the backward, which scales it by the incoming
+    gradient; no [N, L, L] buffer outlives the forward. Without a gradient to compute (evaluation)
+    that part is skipped. The teacher gets no gradient.
     """
 
     @staticmethod
@@ -85,12 +97,15 @@ class _RelationKL(torch.autograd.Function):
         for start in range(0, count, step):
             part = slice(start, start + step)
             bias = None if key_bias is None else key_bias[part]
-            log_p = F.log_softmax(_relation_logits(t_rows[part], bias), dim=-1)
-            p = log_p.exp()
-            log_q = F.log_softmax(_relation_logits(s_rows[part], bias), dim=-1)
-            row_kl[part] = torch.linalg.vecdot(log_p.sub_(log_q), p)  # in place: no third buffer
+            t_logits = _relation_logits(t_rows[part], bias)
+            p = torch.softmax(t_logits, dim=-1)
+            s_logits = _relation_logits(s_rows[part], bias)
+            q = torch.softmax(s_logits, dim=-1)
+            lse_gap = _log_sum_exp_gap(t_logits, p, s_logits, q)
+            log_ratio = t_logits.sub_(s_logits).sub_(lse_gap[..., None])  # log p − log q, in place
+            row_kl[part] = torch.linalg.vecdot(log_ratio, p)
             if grad_rows is not None:
-                d_logits = log_q.exp_().sub_(p).mul_(row_weights[part, :, None])  # w_row·(q − p)
+                d_logits = q.sub_(p).mul_(row_weights[part, :, None])  # w_row·(q − p)
                 rows, grad_part = s_rows[part], grad_rows[part]
                 torch.bmm(d_logits, rows, out=grad_part).baddbmm_(d_logits.mT, rows).mul_(width**-0.5)
         ctx.save_for_backward(grad_rows)
