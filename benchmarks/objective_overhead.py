@@ -150,6 +150,11 @@ def paired(timed: dict, name: str, against: str, index: int) -> str:
     return f"{statistics.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f})"
 
 
+def fastest(timed: dict, name: str) -> str:
+    """Step ``name``'s fastest CPU time over the bare step's fastest: the least disturbed round of each."""
+    return f"{min(c for _, c in timed[name]) / min(c for _, c in timed['bare']):.3f}"
+
+
 def report(timed: dict, args) -> None:
     tokens = args.batch * args.seq
     print(
@@ -166,6 +171,7 @@ def report(timed: dict, args) -> None:
         if name != "bare":
             print(f"overhead ratio {name}/bare (median of paired ratios): {paired(timed, name, 'bare', 0)}")
             print(f"same ratio in process CPU time (steadier on a busy machine): {paired(timed, name, 'bare', 1)}")
+            print(f"ratio of the fastest steps (CPU time; a busy host only ever slows a step): {fastest(timed, name)}")
     if "baseline" in timed:
         print(f"objective/baseline (paired): wall {paired(timed, 'objective', 'baseline', 0)}, "
               f"CPU time {paired(timed, 'objective', 'baseline', 1)}")

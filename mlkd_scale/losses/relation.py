@@ -46,7 +46,7 @@ def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch
 
 
 #: How many bytes of one [rows, L, L] fp32 buffer the relation KL handles at once. On a CPU the
-#: logits, log-probabilities and probabilities of a chunk then stay in a core's L2 cache through every
+#: logits and probabilities of a chunk then stay in a core's L2 cache through every
 #: elementwise pass, where the whole [B·A, L, L] tensors (6 MiB each at batch 8, length 128, 12 splits)
 #: would go out to memory on each (figures in docs/performance.md; under ``train.compile: objective``
 #: inductor fuses each chunk's passes). A GPU takes up to 64 MiB per buffer, a few large kernels; the
