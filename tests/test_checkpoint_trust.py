@@ -254,6 +254,29 @@ def test_a_folder_belongs_to_one_run(tmp_path):
         claim_folder(tmp_path / "file", "run-a", "run.output_dir")
 
 
+def test_a_rank_that_finds_the_folder_claimed_while_it_looked_accepts_its_own_run(tmp_path, monkeypatch):
+    """Every rank claims run.output_dir: one that saw no record, then found the folder holding the record
+    (and a file) another rank of the run published meanwhile, goes by the record, not by the files."""
+    out = tmp_path / "out"
+    claim_folder(out, "run-a", "run.output_dir")  # the other rank, first
+    (out / "spec.json").write_text("{}")
+    record_checks = []
+    is_file = Path.is_file
+
+    def record_not_there_yet(path):
+        if path.name == OWNER_FILE:
+            record_checks.append(path)
+            if len(record_checks) == 1:
+                return False
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", record_not_there_yet)
+    claim_folder(out, "run-a", "run.output_dir")
+    record_checks.clear()
+    with pytest.raises(CheckpointError, match=r"belongs to another run .*names run 'run-a', this is 'run-b'"):
+        claim_folder(out, "run-b", "run.output_dir")
+
+
 # ----------------------------------------------------------------------------- through the launcher
 
 

@@ -222,7 +222,9 @@ def claim_folder(folder: Path, owner: str, what: str, allow_foreign: bool = Fals
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{what} {folder} exists and is not a folder; choose another path")
     if folder.is_dir() and not allow_foreign:
-        others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(f".{OWNER_FILE}"))
+        others = sorted(p.name for p in folder.iterdir() if not p.name.startswith((OWNER_FILE, f".{OWNER_FILE}")))
+        if record.is_file():  # another rank claimed the folder since the check above (and may have written to it)
+            return claim_folder(folder, owner, what)
         if others:
             raise CheckpointError(
                 f"{what} {folder} already holds files that are not this run's ({', '.join(others[:5])}"
