@@ -59,7 +59,9 @@ def _rows_per_chunk(length: int, device: torch.device) -> int:
     return max(1, budget // (4 * length * length))
 
 
-def _log_sum_exp_gap(t_logits, p, s_logits, q) -> torch.Tensor:
+def _log_sum_exp_gap(
+    t_logits: torch.Tensor, p: torch.Tensor, s_logits: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
     """Each row's lse(T) − lse(S) (lse = log Σ_j exp), given the logits and their softmaxes p and q.
 
     As p_j = exp(T_j − lse(T)), a row's largest logit has its largest probability (≥ 1/L, no underflow),
