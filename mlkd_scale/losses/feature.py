@@ -18,7 +18,8 @@ def _token_weights(attention_mask: torch.Tensor | None, like: torch.Tensor) -> t
 class _TokenWeightedSquares(torch.autograd.Function):
     """Σ_tokens w_token · ‖s_token − t_token‖² with a hand-written backward.
 
-    Forward: one difference and one per-token dot product (no squared copy); backward:
+    Forward: one difference and one per-token norm, a reduction (``linalg.vecdot`` would write the
+    squares out first: ``(x * y).sum``); backward:
     2·g·w_token·(s − t) in place on the saved difference. Autograd's graph of the same formula
     makes four passes over [B, L, d] forward and four backward. The teacher gets no gradient.
     """
@@ -27,7 +28,7 @@ class _TokenWeightedSquares(torch.autograd.Function):
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, weights: torch.Tensor):
         diff = s - t
         ctx.save_for_backward(diff, weights)
-        return (torch.linalg.vecdot(diff, diff) * weights).sum()
+        return (torch.linalg.vector_norm(diff, dim=-1).square_() * weights).sum()
 
     @staticmethod
     @once_differentiable

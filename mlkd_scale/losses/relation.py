@@ -38,11 +38,11 @@ def _key_bias(attention_mask: torch.Tensor | None, num_splits: int) -> torch.Ten
 
 
 def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-    """[N, L, w] → [N, L, L] = rows rowsᵀ / √w (+ the key bias): one fused batched product."""
-    scale = rows.shape[-1] ** -0.5
+    """[N, L, w] → [N, L, L] = rows rowsᵀ / √w (+ the key bias): one batched product, scale and bias
+    applied by it (without a bias, ``beta=0`` ignores the zero it is given)."""
     if key_bias is None:
-        return torch.bmm(rows, rows.mT).mul_(scale)
-    return torch.baddbmm(key_bias, rows, rows.mT, alpha=scale)
+        return torch.baddbmm(rows.new_zeros(()), rows, rows.mT, beta=0, alpha=rows.shape[-1] ** -0.5)
+    return torch.baddbmm(key_bias, rows, rows.mT, alpha=rows.shape[-1] ** -0.5)
 
 
 #: How many bytes of one [rows, L, L] fp32 buffer the relation KL handles at once. On a CPU the
@@ -105,7 +105,7 @@ class _RelationKL(torch.autograd.Function):
             q = torch.softmax(s_logits, dim=-1)
             lse_gap = _log_sum_exp_gap(t_logits, p, s_logits, q)
             log_ratio = t_logits.sub_(s_logits).sub_(lse_gap[..., None])  # log p − log q, in place
-            row_kl[part] = torch.linalg.vecdot(log_ratio, p)
+            row_kl[part] = log_ratio.mul_(p).sum(-1)  # in place: vecdot would write the products anew
             if grad_rows is not None:
                 d_logits = q.sub_(p).mul_(row_weights[part, :, None])  # w_row·(q − p)
                 rows, grad_part = s_rows[part], grad_rows[part]
