@@ -20,6 +20,10 @@ in the same rounds:
 ``--compile`` adds a further step, the same objective compiled as ``train.compile: objective`` does
 (``nn.Module.compile`` of the losses and projections; the models stay eager), in the same rotation.
 
+On a CPU the process keeps freed memory as a training rank does (``--malloc keep``,
+:mod:`mlkd_scale.engine.host_memory`); ``--malloc system`` leaves glibc's defaults, under which both
+steps take thousands of page faults per step.
+
 Random weights: only shapes matter for time.
 """
 
@@ -30,11 +34,12 @@ import contextlib
 import copy
 import importlib.util
 import os
+import resource
 import statistics
 from pathlib import Path
 
 import torch
-from common import bare_step, build_models, make_batch, timed_with_cpu
+from common import add_malloc_arg, bare_step, build_models, configure_malloc, make_batch, timed_with_cpu
 
 from mlkd_scale.losses.presets import mlkd as mlkd_preset
 from mlkd_scale.models import FeatureTap
@@ -121,20 +126,23 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU machine)")
     parser.add_argument("--compile", action="store_true", help="also time the objective under torch.compile")
     parser.add_argument("--baseline", type=Path, help="also time the losses of this checkout (before/after)")
+    add_malloc_arg(parser)
     return parser.parse_args()
 
 
-def measure(steps: dict, batch: dict, trained: list, args, sync) -> dict[str, list[tuple[float, float]]]:
-    """(wall s, process CPU s) of every step in every round; the order rotates round by round."""
+def measure(steps: dict, batch: dict, trained: list, args, sync) -> dict[str, list[tuple[float, float, int]]]:
+    """(wall s, process CPU s, page faults) of every step in every round; the order rotates round by round."""
     for _ in range(args.warmup):
         for fn in steps.values():
             fn(batch)
-    timed: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    timed: dict[str, list[tuple[float, float, int]]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(args.pairs):
         order = names[i % len(names):] + names[: i % len(names)]  # every step takes every position
         for name in order:
-            timed[name].append(timed_with_cpu(lambda name=name: steps[name](batch), sync))
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            wall, cpu = timed_with_cpu(lambda name=name: steps[name](batch), sync)
+            timed[name].append((wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
         for module in trained:
             module.zero_grad(set_to_none=True)
     return timed
@@ -152,7 +160,7 @@ def paired(timed: dict, name: str, against: str, index: int) -> str:
 
 def fastest(timed: dict, name: str) -> str:
     """Step ``name``'s fastest CPU time over the bare step's fastest: the least disturbed round of each."""
-    return f"{min(c for _, c in timed[name]) / min(c for _, c in timed['bare']):.3f}"
+    return f"{min(c for _, c, _ in timed[name]) / min(c for _, c, _ in timed['bare']):.3f}"
 
 
 def report(timed: dict, args) -> None:
@@ -160,13 +168,14 @@ def report(timed: dict, args) -> None:
     print(
         f"device={args.device} threads={torch.get_num_threads()} teacher=BERT-base({args.teacher_dtype}) "
         f"student=4L-312-{args.student_heads}h batch={args.batch} seq={args.seq} pairs={args.pairs} "
-        f"padding={args.padding} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"padding={args.padding} malloc={args.malloc} load_avg={' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"{'step':<10} {'median s':>9} {'tokens/s':>9} {'CPU s':>7}")
+    print(f"{'step':<10} {'median s':>9} {'tokens/s':>9} {'CPU s':>7} {'page faults':>11}")
     for name, values in timed.items():
-        median = statistics.median(wall for wall, _ in values)
-        cpu = statistics.median(c for _, c in values)
-        print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f} {cpu:>7.3f}")
+        median = statistics.median(wall for wall, _, _ in values)
+        cpu = statistics.median(c for _, c, _ in values)
+        faults = statistics.median(f for _, _, f in values)
+        print(f"{name:<10} {median:>9.4f} {tokens / median:>9.0f} {cpu:>7.3f} {faults:>11.0f}")
     for name in timed:
         if name != "bare":
             print(f"overhead ratio {name}/bare (median of paired ratios): {paired(timed, name, 'bare', 0)}")
@@ -179,6 +188,7 @@ def report(timed: dict, args) -> None:
 
 def main() -> None:
     args = parse_args()
+    configure_malloc(args, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.teacher_dtype = args.teacher_dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bare_step, build_models, make_batch
+from common import add_malloc_arg, bare_step, build_models, configure_malloc, make_batch
 from objective_overhead import load_baseline, preset_functions
 
 from mlkd_scale.losses.presets import mlkd as mlkd_preset
@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    add_malloc_arg(parser)
     args = parser.parse_args()
+    configure_malloc(args)
     torch.set_num_threads(1)
     base = load_baseline(args.baseline)
     parts = candidates(args)
@@ -110,7 +112,7 @@ def main() -> None:
                 run(parts[name])
                 timed[name, side].append(time.thread_time() - start)
     bare = statistics.median(timed["bare", "new"] + timed["bare", "baseline"])
-    print(f"padding={args.padding} repeats={args.repeats} load_avg={' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"padding={args.padding} repeats={args.repeats} malloc={args.malloc} load_avg={' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'part':<12} {'new CPU ms':>10} {'% of bare':>9} {'baseline ms':>11} {'% of bare':>9} {'new/base':>8}")
     for name in parts:
         new, old = timed[name, "new"], timed[name, "baseline"]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mlkd_scale.engine.host_memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,7 +35,8 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
 
     The deepspeed launcher and torchrun set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; a plain ``python``
     run gets a world of one on a free local port. The backend is the accelerator's own
-    (NCCL on CUDA, gloo or oneCCL on CPU). ``timeout_s`` (the spec's ``faults.collective_timeout_s``)
+    (NCCL on CUDA, gloo or oneCCL on CPU); a CPU rank's ``malloc`` keeps freed memory for the next step
+    (:mod:`~mlkd_scale.engine.host_memory`). ``timeout_s`` (the spec's ``faults.collective_timeout_s``)
     bounds every collective, so a rank whose peer died fails instead of hanging.
     """
     if "RANK" not in os.environ:
@@ -51,6 +54,7 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     if device.type == "cpu":
         _unlink_shm_buffer()
+        keep_freed_memory()
     return DistInfo(
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
