@@ -25,7 +25,6 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig
 
 from mlkd_scale.engine.deepspeed_engine import build_engine
-from mlkd_scale.engine.host_memory import allocator_chosen_by_user, keep_freed_memory
 from mlkd_scale.losses import DistillationObjective
 from mlkd_scale.models import FeatureTap, build_student, build_student_config
 from mlkd_scale.models.distillation_module import MODEL_INPUTS
@@ -79,24 +78,6 @@ def add_precision_args(parser, student_help: str) -> None:
     parser.add_argument(
         "--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default 0 on one process, else 2"
     )
-
-
-def add_malloc_arg(parser) -> None:
-    """``--malloc``: whether a CPU benchmark process keeps freed memory as a training rank does."""
-    parser.add_argument(
-        "--malloc", choices=["keep", "system"], default="keep",
-        help="keep: glibc keeps freed memory for the next step, as on a training rank (mlkd_scale.engine."
-             "host_memory); system: glibc's defaults (page faults every step)",
-    )
-
-
-def configure_malloc(args, device: str = "cpu") -> None:
-    """Apply ``--malloc keep`` on a CPU, as :func:`~mlkd_scale.engine.distributed.init_distributed` does
-    on a CPU rank; ``args.malloc`` then says what the process runs with."""
-    if device != "cpu":
-        args.malloc = "system (GPU run)"
-    elif args.malloc == "keep" and not keep_freed_memory():
-        args.malloc = f"as-is ({allocator_chosen_by_user() or 'no glibc mallopt'})"
 
 
 def resolve_defaults(args, device: torch.device, world_size: int) -> None:

@@ -39,8 +39,9 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import add_malloc_arg, bare_step, build_models, configure_malloc, make_batch, timed_with_cpu
+from common import bare_step, build_models, make_batch, timed_with_cpu
 
+from mlkd_scale.engine.host_memory import allocator_chosen_by_user, keep_freed_memory
 from mlkd_scale.losses.presets import mlkd as mlkd_preset
 from mlkd_scale.models import FeatureTap
 from mlkd_scale.models.teacher import DTYPES
@@ -109,6 +110,24 @@ def make_baseline_step(step, functions: dict):
             step(batch)
 
     return baseline_step
+
+
+def add_malloc_arg(parser) -> None:
+    """``--malloc``: whether a CPU benchmark process keeps freed memory as a training rank does."""
+    parser.add_argument(
+        "--malloc", choices=["keep", "system"], default="keep",
+        help="keep: glibc keeps freed memory for the next step, as on a training rank (mlkd_scale.engine."
+             "host_memory); system: glibc's defaults (page faults every step)",
+    )
+
+
+def configure_malloc(args, device: str = "cpu") -> None:
+    """Apply ``--malloc keep`` on a CPU, as :func:`~mlkd_scale.engine.distributed.init_distributed` does
+    on a CPU rank; ``args.malloc`` then says what the process runs with."""
+    if device != "cpu":
+        args.malloc = "system (GPU run)"
+    elif args.malloc == "keep" and not keep_freed_memory():
+        args.malloc = f"as-is ({allocator_chosen_by_user() or 'no glibc mallopt'})"
 
 
 def parse_args():

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_malloc_arg, bare_step, build_models, configure_malloc, make_batch
-from objective_overhead import load_baseline, preset_functions
+from common import bare_step, build_models, make_batch
+from objective_overhead import add_malloc_arg, configure_malloc, load_baseline, preset_functions
 
 from mlkd_scale.losses.presets import mlkd as mlkd_preset
 from mlkd_scale.models import FeatureTap
