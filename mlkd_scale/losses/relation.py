@@ -40,9 +40,10 @@ def _key_bias(attention_mask: torch.Tensor | None, num_splits: int) -> torch.Ten
 def _relation_logits(rows: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
     """[N, L, w] → [N, L, L] = rows rowsᵀ / √w (+ the key bias): one batched product, scale and bias
     applied by it (without a bias, ``beta=0`` ignores the zero it is given)."""
+    scale = rows.shape[-1] ** -0.5
     if key_bias is None:
-        return torch.baddbmm(rows.new_zeros(()), rows, rows.mT, beta=0, alpha=rows.shape[-1] ** -0.5)
-    return torch.baddbmm(key_bias, rows, rows.mT, alpha=rows.shape[-1] ** -0.5)
+        return torch.baddbmm(rows.new_zeros(()), rows, rows.mT, beta=0, alpha=scale)
+    return torch.baddbmm(key_bias, rows, rows.mT, alpha=scale)
 
 
 #: How many bytes of one [rows, L, L] fp32 buffer the relation KL handles at once. On a CPU the
